@@ -1,0 +1,1 @@
+"""smim_dist: SemanticMIM pre-training of vision transformers at scale."""
