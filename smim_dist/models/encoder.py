@@ -85,7 +85,7 @@ class ViTEncoder(nn.Module):
     def run_block(self, index: int, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         block = self.blocks[index]
         if self.grad_checkpointing and self.training and not return_attention:
-            return checkpoint(block, x, use_reentrant=False), None
+            return checkpoint(block, x, use_reentrant=False)
         return block(x, return_attention)
 
     def forward(self, images: Tensor, layers: tuple[int, ...] = (), return_attention: bool = False) -> EncoderOutput:

@@ -7,48 +7,17 @@ compute targets under ``no_grad`` and the model stays a plain ``nn.Module`` for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from smim_dist.models.encoder import ViTEncoder, drop_path_rates, image_grid
+from smim_dist.config import ModelConfig
+from smim_dist.models.encoder import ViTEncoder, drop_path_rates
 from smim_dist.models.layers import ReconBlock
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.sizes import vit_size
 
-MODES = ("proxy", "vanilla")
-
-
-@dataclass
-class ModelConfig:
-    size: str = "base"
-    """micro | tiny | small | base | large"""
-    mode: str = "proxy"
-    """proxy (SemanticMIM) | vanilla (BEiT / MaskFeat baseline)"""
-    img_size: int = 224
-    patch_size: int = 16
-    num_proxy: int = 8
-    """[PROXY] tokens in proxy mode, the first doubles as [CLS]; vanilla always has one [CLS]"""
-    drop_path: float = 0.1
-    layer_scale_init: float | None = 0.1
-    qkv_bias: bool = True
-    grad_checkpointing: bool = False
-
-    def validate(self) -> None:
-        vit_size(self.size)
-        if self.mode not in MODES:
-            raise ValueError(f"model.mode={self.mode!r}; choose one of {list(MODES)}")
-        if self.mode == "proxy" and self.num_proxy < 1:
-            raise ValueError(f"model.num_proxy={self.num_proxy}: proxy mode needs at least one [PROXY] token")
-        if not 0 <= self.drop_path < 1:
-            raise ValueError(f"model.drop_path={self.drop_path} must be in [0, 1)")
-        image_grid(self.img_size, self.patch_size)
-
-    @property
-    def num_prefix(self) -> int:
-        return self.num_proxy if self.mode == "proxy" else 1
 
 
 def _gather(tokens: Tensor, index: Tensor) -> Tensor:
@@ -60,7 +29,8 @@ class MIMModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, target_dim: int):
         super().__init__()
-        cfg.validate()
+        if cfg.mode == "proxy" and cfg.num_proxy < 1:
+            raise ValueError(f"model.num_proxy={cfg.num_proxy}: proxy mode needs at least one [PROXY] token")
         size = vit_size(cfg.size)
         self.mode = cfg.mode
         self.encoder = ViTEncoder(size, cfg.img_size, cfg.patch_size, cfg.num_prefix, cfg.qkv_bias,
@@ -142,8 +112,8 @@ class MIMModel(nn.Module):
             x, probs = self.encoder.run_block(index, x, return_attention)
             attentions["blocks"].append(probs)
             if self.encoder.grad_checkpointing and self.training and not return_attention:
-                queries = checkpoint(recon, queries, x[:, :num_proxy], use_reentrant=False)[0]
+                queries, recon_probs = checkpoint(recon, queries, x[:, :num_proxy], use_reentrant=False)
             else:
                 queries, recon_probs = recon(queries, x[:, :num_proxy], return_attention)
-                attentions["recon"].append(recon_probs)
+            attentions["recon"].append(recon_probs)
         return queries, attentions if return_attention else None

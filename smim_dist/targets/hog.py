@@ -34,6 +34,10 @@ class HOGTarget(nn.Module):
     tensor the encoder sees.
     """
 
+    sobel_x: Tensor
+    sobel_y: Tensor
+    window: Tensor
+
     def __init__(self, patch_size: int = 16, nbins: int = 9, cell_size: int = 8, gaussian_window: int = 16) -> None:
         super().__init__()
         for name, value in (

@@ -1,0 +1,310 @@
+"""Typed run configuration: YAML files with a ``base:`` chain, dotted CLI overrides, strict validation.
+
+Every key is declared in a dataclass below, so a typo or a wrong type fails at load time, naming the file, the key and the
+nearest valid key, before any process group, data or GPU is touched. The resolved config is what a run saves and hashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smim_dist.models.encoder import image_grid
+from smim_dist.models.sizes import VIT_SIZES
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work started."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "base"
+    """micro | tiny | small | base | large"""
+    mode: str = "proxy"
+    """proxy (SemanticMIM, Eq. 3-4) | vanilla (BEiT / MaskFeat baseline, Eq. 2)"""
+    img_size: int = 224
+    patch_size: int = 16
+    num_proxy: int = 8
+    """[PROXY] tokens in proxy mode, the first doubles as [CLS]; vanilla always has one [CLS]"""
+    drop_path: float = 0.1
+    layer_scale_init: float | None = 0.1
+    qkv_bias: bool = True
+    grad_checkpointing: bool = False
+
+    @property
+    def num_prefix(self) -> int:
+        return self.num_proxy if self.mode == "proxy" else 1
+
+    @property
+    def num_patches(self) -> int:
+        grid = image_grid(self.img_size, self.patch_size)
+        return grid[0] * grid[1]
+
+
+@dataclass
+class TargetConfig:
+    kind: str = "maskfeat"
+    """beit (DALL-E tokens, cross-entropy) | maskfeat (HOG, L2) | pixels (normalised pixels, L2)"""
+    tokenizer_path: str | None = None
+    """DALL-E dVAE encoder weights for kind=beit: state dict (.pt/.pth/.safetensors) or OpenAI's encoder.pkl"""
+    trust_pickle: bool = False
+    """allow loading encoder.pkl, which runs code while unpickling"""
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "random"
+    """random (exact count per image) | block (BEiT block-wise)"""
+    ratio: float = 0.6
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    """demo (the embedded synthetic shapes set, generated on first use)"""
+    path: str = "data_cache/demo"
+    demo_images: int = 2048
+    num_workers: int = 4
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    """strength for brightness, contrast and saturation; 0 turns it off"""
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 300
+    global_batch: int = 2048
+    """images per optimizer step over all ranks = micro_batch x accumulation x world size"""
+    micro_batch: int = 64
+    """images per rank per forward/backward"""
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 3.0
+    """global grad-norm clip; 0 turns it off"""
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1
+    precision: str = "bf16"
+    """fp32 | bf16 | fp16 (dynamic loss scale); bf16/fp16 need a GPU"""
+    max_bad_steps: int = 20
+    """stop after this many non-finite losses in a row"""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 20
+    progress: bool = True
+    wandb_mode: str = "offline"
+    """offline | online | disabled"""
+    wandb_project: str = "smim_dist"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    keep_last: int = 3
+    keep_every_epochs: int = 50
+
+
+@dataclass
+class Config:
+    run_name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+CHOICES = {
+    "model.size": tuple(VIT_SIZES),
+    "model.mode": ("proxy", "vanilla"),
+    "target.kind": ("beit", "maskfeat", "pixels"),
+    "mask.kind": ("random", "block"),
+    "data.source": ("demo",),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "log.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are declared."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{where}: expected a list of {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str, origin: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: {where or 'the config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{(where + '.' if where else '') + near[0]}'?" if near else ""
+            raise ConfigError(f"{origin}: unknown key '{path}'{hint} (valid here: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, path, origin)
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{origin}: {path}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (named as base by {seen[-1]})" if seen else ""))
+    if path in seen:
+        raise ConfigError(f"config base chain loops: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(values).__name__}")
+    bases = values.pop("base", None)
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases or []:
+        merged = _merge(merged, _read_chain(path.parent / base, seen + (path,)))
+    _build(Config, values, "", str(path))
+    return _merge(merged, values)
+
+
+def _override_tree(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The resolved, validated config of a YAML file (with its base chain) plus ``a.b=value`` overrides."""
+    values = _read_chain(Path(path)) if path else {}
+    merged = _merge(values, _override_tree(list(overrides)))
+    config = _build(Config, merged, "", f"{path or 'defaults'} + overrides" if overrides else str(path or "defaults"))
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict) -> Config:
+    config = _build(Config, values, "", "saved config")
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Combinations no single type check catches; each message names the value and what to do."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            near = difflib.get_close_matches(str(value), options, n=1)
+            raise ConfigError(f"{key}={value!r} is not one of {list(options)}"
+                              + (f"; did you mean {near[0]!r}?" if near else ""))
+    try:
+        num_patches = cfg.model.num_patches
+    except ValueError as err:
+        raise ConfigError(f"model.img_size / model.patch_size: {err}") from err
+    if cfg.model.mode == "proxy" and cfg.model.num_proxy < 1:
+        raise ConfigError(f"model.num_proxy={cfg.model.num_proxy}: proxy mode needs at least one [PROXY] token")
+    if not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
+    num_masked = round(cfg.mask.ratio * num_patches)
+    if not 0 < num_masked < num_patches:
+        raise ConfigError(f"mask.ratio={cfg.mask.ratio} masks {num_masked} of {num_patches} patches; at least one "
+                          "patch must stay visible and one be masked")
+    if cfg.target.kind == "maskfeat" and cfg.model.patch_size % 8:
+        raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the HOG target needs a multiple of 8")
+    optim = cfg.optim
+    if optim.global_batch < 1 or optim.micro_batch < 1 or optim.global_batch % optim.micro_batch:
+        raise ConfigError(f"optim.global_batch={optim.global_batch} is not a multiple of optim.micro_batch="
+                          f"{optim.micro_batch}; global batch = micro batch x gradient accumulation x world size")
+    if optim.epochs < 1 or not 0 <= optim.warmup_epochs <= optim.epochs:
+        raise ConfigError(f"optim.epochs={optim.epochs}, optim.warmup_epochs={optim.warmup_epochs}: need "
+                          "epochs >= 1 and 0 <= warmup_epochs <= epochs")
+    if not 0 <= optim.min_lr <= optim.lr:
+        raise ConfigError(f"optim.min_lr={optim.min_lr} must be between 0 and optim.lr={optim.lr}")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    low, high = cfg.data.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must satisfy 0 < min <= max <= 1")
+    if not cfg.run_name or "/" in cfg.run_name:
+        raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/'")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(f"# config hash {cfg.hash()}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

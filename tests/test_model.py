@@ -1,0 +1,205 @@
+"""The pre-training models do what the paper's equations say, on a micro ViT."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from smim_dist.config import ModelConfig
+from smim_dist.masking import RandomMaskGenerator
+from smim_dist.models.flops import appendix_c_block_macs, forward_flops
+from smim_dist.models.mask_index import MaskIndices
+from smim_dist.models.mim import MIMModel
+
+IMG = 64  # 4x4 patches of 16 px
+
+
+def make(mode, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="micro", mode=mode, img_size=IMG, num_proxy=4, drop_path=0.0, **kw)
+    return MIMModel(cfg, target_dim=12).eval()
+
+
+def random_mask(batch=2, ratio=0.5, seed=0):
+    gen = RandomMaskGenerator((IMG // 16, IMG // 16), round(ratio * (IMG // 16) ** 2))
+    return MaskIndices.from_bool(torch.stack([torch.from_numpy(gen.mask_for(seed, 0, i)) for i in range(batch)]))
+
+
+def capture_block_outputs(model, images, mask):
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o[0].clone())) for b in model.encoder.blocks]
+    prediction = model(images, mask)
+    for hook in hooks:
+        hook.remove()
+    return prediction, outputs
+
+
+def test_prediction_shape_and_counts():
+    images, mask = torch.randn(2, 3, IMG, IMG), random_mask(ratio=0.75)
+    for mode in ("proxy", "vanilla"):
+        assert make(mode)(images, mask).shape == (2, 12, 12)
+
+
+def test_proxy_img_and_proxy_tokens_ignore_everything_about_mask_tokens():
+    model, images, mask = make("proxy"), torch.randn(2, 3, IMG, IMG), random_mask()
+    pred_a, blocks_a = capture_block_outputs(model, images, mask)
+    with torch.no_grad():
+        model.mask_token.add_(torch.randn_like(model.mask_token))
+    pred_b, blocks_b = capture_block_outputs(model, images, mask)
+    for a, b in zip(blocks_a, blocks_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(pred_a, pred_b), "the [MASK] embedding must change the reconstruction"
+
+
+def test_vanilla_visible_tokens_do_see_mask_tokens():
+    model, images, mask = make("vanilla"), torch.randn(2, 3, IMG, IMG), random_mask()
+    _, blocks_a = capture_block_outputs(model, images, mask)
+    with torch.no_grad():
+        model.mask_token.add_(torch.randn_like(model.mask_token))
+    _, blocks_b = capture_block_outputs(model, images, mask)
+    prefix = model.encoder.num_prefix
+    visible = mask.visible + prefix
+    a = torch.gather(blocks_a[0], 1, visible.unsqueeze(-1).expand(-1, -1, blocks_a[0].shape[-1]))
+    b = torch.gather(blocks_b[0], 1, visible.unsqueeze(-1).expand(-1, -1, blocks_b[0].shape[-1]))
+    assert not torch.allclose(a, b)
+
+
+def test_masked_pixels_never_reach_the_prediction():
+    images, mask = torch.randn(2, 3, IMG, IMG), random_mask()
+    changed = images.clone()
+    grid_w = IMG // 16
+    for row, patch in enumerate(mask.masked[0].tolist()):
+        r, c = divmod(patch, grid_w)
+        changed[0, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = torch.randn(3, 16, 16)
+    for mode in ("proxy", "vanilla"):
+        model = make(mode)
+        torch.testing.assert_close(model(images, mask), model(changed, mask))
+
+
+def test_reconstruction_depends_on_the_visible_image():
+    images, mask = torch.randn(2, 3, IMG, IMG), random_mask()
+    for mode in ("proxy", "vanilla"):
+        model = make(mode)
+        assert not torch.allclose(model(images, mask), model(images.flip(-1), mask))
+
+
+def zero_prefix_after_each_block(model):
+    prefix = model.encoder.num_prefix
+
+    def hook(module, inputs, output):
+        x = output[0].clone()
+        x[:, :prefix] = 0
+        return (x, output[1])
+
+    return [b.register_forward_hook(hook) for b in model.encoder.blocks]
+
+
+def test_proxy_mask_tokens_learn_about_the_image_only_through_proxies():
+    images, mask = torch.randn(2, 3, IMG, IMG), random_mask()
+    proxy, vanilla = make("proxy"), make("vanilla")
+    for model in (proxy, vanilla):
+        zero_prefix_after_each_block(model)
+    torch.testing.assert_close(proxy(images, mask), proxy(torch.randn_like(images), mask))
+    assert not torch.allclose(vanilla(images, mask), vanilla(torch.randn_like(images), mask)), "vanilla's direct path"
+
+
+def test_recon_attention_reads_only_proxy_and_mask_tokens():
+    model, images, mask = make("proxy"), torch.randn(2, 3, IMG, IMG), random_mask(ratio=0.75)
+    fused = model(images, mask)
+    explicit, attn = model(images, mask, return_attention=True)
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-5)
+    heads = model.encoder.blocks[0].attn.num_heads
+    assert [tuple(a.shape) for a in attn["blocks"]] == [(2, heads, 4 + 4, 4 + 4)] * 4
+    assert [tuple(a.shape) for a in attn["recon"]] == [(2, heads, 12, 4 + 12)] * 4
+    for probs in attn["blocks"] + attn["recon"]:
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+def test_encoder_features_for_downstream():
+    model = make("proxy")
+    images = torch.randn(2, 3, IMG, IMG)
+    out = model.encoder(images, layers=(2, 4), return_attention=True)
+    assert out.tokens.shape == (2, 4 + 16, 96)
+    assert set(out.hidden) == {2, 4} and len(out.attentions) == 4
+    assert model.encoder.cls_features(out.tokens).shape == (2, 96)
+    assert model.encoder.proxy_features(out.tokens).shape == (2, 4, 96)
+    feature_map = model.encoder.patch_map(out.hidden[2])
+    assert feature_map.shape == (2, 96, 4, 4)
+    torch.testing.assert_close(feature_map[:, :, 1, 2], out.hidden[2][:, 4 + 1 * 4 + 2])
+    with pytest.raises(ValueError, match="layer 5"):
+        model.encoder(images, layers=(5,))
+
+
+def test_beit_init_rescales_residual_outputs_in_both_stacks():
+    torch.manual_seed(0)
+    model = MIMModel(ModelConfig(size="tiny", mode="proxy", img_size=32), target_dim=8)
+    for stack in (model.encoder.blocks, model.recon_blocks):
+        first, last = stack[0].mlp.fc2.weight.std(), stack[-1].mlp.fc2.weight.std()
+        assert abs(first / last - (2 * 12 / 2) ** 0.5) < 0.15 * (12 ** 0.5)
+        assert abs(stack[0].attn.proj.weight.std() / 0.02 * 2 ** 0.5 - 1) < 0.1
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    images, mask = torch.randn(2, 3, IMG, IMG), random_mask()
+    grads = []
+    for flag in (False, True):
+        model = make("proxy", grad_checkpointing=flag).train()
+        model(images, mask).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_any_size_divisible_by_patch():
+    cfg = ModelConfig(size="micro", mode="proxy", img_size=48, patch_size=8, num_proxy=2)
+    model = MIMModel(cfg, target_dim=3).eval()
+    gen = RandomMaskGenerator((6, 6), 20)
+    mask = MaskIndices.from_bool(torch.from_numpy(gen.mask_for(0, 0, 0))[None])
+    assert model(torch.randn(1, 3, 48, 48), mask).shape == (1, 20, 3)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(img_size=70), "not divisible by patch size 16"),
+    (dict(mode="proxy", num_proxy=0), "num_proxy=0"),
+])
+def test_bad_model_config(bad, match):
+    cfg = ModelConfig(**{"size": "micro", **bad})
+    with pytest.raises(ValueError, match=match):
+        MIMModel(cfg, target_dim=4)
+
+
+def test_bad_masks_and_images():
+    model = make("proxy")
+    images = torch.randn(2, 3, IMG, IMG)
+    with pytest.raises(ValueError, match="boolean"):
+        MaskIndices.from_bool(torch.zeros(2, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="same number of masked"):
+        MaskIndices.from_bool(torch.tensor([[True] * 3 + [False] * 13, [True] * 4 + [False] * 12]))
+    with pytest.raises(ValueError, match="at least one patch must be visible"):
+        MaskIndices.from_bool(torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="covers 25 patches"):
+        model(images, MaskIndices.from_bool(torch.arange(25).repeat(2, 1) < 5))
+    with pytest.raises(ValueError, match=r"\[batch, 3, 64, 64\]"):
+        model(torch.randn(2, 3, 80, 80), random_mask())
+
+
+def test_paper_flops_ratios_from_appendix_c():
+    proxy, vanilla = ModelConfig(size="base", mode="proxy"), ModelConfig(size="base", mode="vanilla")
+    train = appendix_c_block_macs(proxy, 0.6, True) / appendix_c_block_macs(vanilla, 0.6, True) - 1
+    infer = appendix_c_block_macs(proxy, 0.6, False) / appendix_c_block_macs(vanilla, 0.6, False) - 1
+    assert round(train * 100, 1) == -2.8
+    assert round(infer * 100, 1) == 3.7
+
+
+@pytest.mark.parametrize("mode", ["proxy", "vanilla"])
+@pytest.mark.parametrize("training", [True, False])
+def test_flop_model_matches_flop_counter(mode, training):
+    model = make(mode)
+    cfg = ModelConfig(size="micro", mode=mode, img_size=IMG, num_proxy=4)
+    images = torch.randn(1, 3, IMG, IMG)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        if training:
+            model(images, random_mask(batch=1, ratio=0.75))
+        else:
+            model.encoder(images)
+    assert counter.get_total_flops() == forward_flops(cfg, 0.75, training, target_dim=12)
