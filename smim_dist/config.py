@@ -98,6 +98,17 @@ class OptimConfig:
     clip_grad: float = 3.0
     """global grad-norm clip; 0 turns it off"""
 
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step so that micro_batch x accumulation x world_size == global_batch."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"optim.global_batch={self.global_batch} is not divisible by optim.micro_batch={self.micro_batch} x "
+                f"{world_size} processes; global batch = micro batch x gradient accumulation x world size, so pick a "
+                f"micro batch that divides {self.global_batch // world_size if self.global_batch % world_size == 0 else 'it'}"
+                " or change the number of processes")
+        return self.global_batch // per_step
+
 
 @dataclass
 class EngineConfig:

@@ -1,4 +1,4 @@
-"""DALL-E dVAE tokenizer: our re-implementation against OpenAI's own ``dall_e`` encoder (random weights; no downloads)."""
+"""DALL-E dVAE tokenizer: our re-implementation against OpenAI's ``dall_e`` encoder (random weights, no downloads)."""
 
 import os
 import subprocess
@@ -119,15 +119,21 @@ def test_pickled_module_loads_without_dall_e(weight_files, images, reference_out
         """
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(torch.load(tmp_path / "codes.pt"), reference_out[1][:1])
 
 
-def test_wrapped_state_dict_and_pickled_pt(reference, weight_files, tmp_path):
+def test_wrapped_state_dict_legacy_and_pickled_pt(reference, weight_files, tmp_path):
     state = reference.state_dict()
     torch.save({"model": state, "epoch": 3}, tmp_path / "wrapped.pth")
     loaded = load_dalle_encoder(tmp_path / "wrapped.pth").state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+    torch.save(reference, tmp_path / "legacy.pkl", _use_new_zipfile_serialization=False)  # pre-1.6 file format
+    loaded = load_dalle_encoder(tmp_path / "legacy.pkl", trust_pickle=True).state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
     torch.save(reference, tmp_path / "module.pt")  # a pickled module under a .pt name

@@ -1,0 +1,53 @@
+"""Which samples a rank reads, in which order: a pure function of (seed, epoch, rank, world size, accumulation).
+
+Global step g of an epoch always covers the same ``global_batch`` samples of one seeded permutation, however they are
+split over ranks and gradient-accumulation micro-steps, so 1 process x 4 micro-steps and 4 processes x 1 micro-step
+train on identical batches. A restarted job asks for the same epoch from the micro-batch it stopped at and gets
+exactly what the uninterrupted run would have read from there on; nothing about the order lives in process state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class ResumableDistributedSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)``: loader workers keep their own copy of the dataset, and still seed each sample's
+    augmentation with the right epoch. The tail that does not fill a global batch is dropped."""
+
+    def __init__(self, num_samples: int, micro_batch: int, accumulation: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True):
+        self.global_batch = micro_batch * accumulation * world_size
+        if num_samples < self.global_batch:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
+                             f"{self.global_batch}; lower optim.global_batch or add data")
+        self.num_samples, self.micro_batch, self.accumulation = num_samples, micro_batch, accumulation
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches this rank reads per epoch."""
+        return self.steps_per_epoch * self.accumulation
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch={start_batch} outside this epoch's {self.batches_per_epoch} micro-batches")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.micro_batch
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples) if self.shuffle
+                 else np.arange(self.num_samples))
+        blocks = order[: self.steps_per_epoch * self.global_batch].reshape(
+            self.steps_per_epoch, self.accumulation, self.world_size, self.micro_batch)
+        mine = blocks[:, :, self.rank].reshape(-1)
+        return iter((self.epoch, index) for index in mine[self.start_batch * self.micro_batch:].tolist())

@@ -1,0 +1,83 @@
+"""Checkpoints of the DeepSpeed engine plus what the loop needs to continue exactly: train state and every rank's RNGs.
+
+A checkpoint is written under a temporary tag, renamed to its final tag once every rank has finished, and only then
+named by the ``latest`` pointer (itself replaced atomically), so a job killed mid-write leaves the previous checkpoint
+as the one a restart uses.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smim_dist.engine.distributed import DistInfo, barrier
+
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: dict, tag: str) -> Path:
+    root = checkpoint_root(run_dir)
+    partial = f"{tag}.partial"
+    if dist_info.is_main and (root / partial).exists():
+        shutil.rmtree(root / partial)
+    barrier()
+    engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), root / partial / f"rng_rank{dist_info.rank:05d}.pt")
+    barrier()
+    if dist_info.is_main:
+        if (root / tag).exists():
+            shutil.rmtree(root / tag)
+        os.replace(root / partial, root / tag)
+        _write_atomic(root / LATEST, tag + "\n")
+    barrier()
+    return root / tag
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    pointer = checkpoint_root(run_dir) / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def load_checkpoint(engine, run_dir: Path, dist_info: DistInfo, tag: str) -> dict:
+    """Restore engine, optimizer and this rank's RNGs; returns the client state saved with the checkpoint."""
+    root = checkpoint_root(run_dir)
+    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    rng_file = root / tag / f"rng_rank{dist_info.rank:05d}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

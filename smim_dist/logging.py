@@ -1,0 +1,93 @@
+"""Run metrics to ``metrics.jsonl``, wandb (offline by default) and a progress bar, all from rank 0 only.
+
+``metrics.jsonl`` is the record of truth (one JSON object per line, appended and flushed, so a preempted run loses at
+most the line being written); wandb mirrors it and resumes the same wandb run after a restart, through the id kept
+in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import wandb
+from tqdm import tqdm
+
+from smim_dist.config import Config
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _wandb_id(run_dir: Path) -> str:
+    path = run_dir / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+class RunLogger:
+    def __init__(self, cfg: Config, is_main: bool, total_steps: int, start_step: int):
+        self.is_main = is_main
+        self.metrics_path = cfg.run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        self.bar = None
+        if not is_main:
+            return
+        self.metrics_file = self.metrics_path.open("a", buffering=1)
+        if cfg.log.wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, group=cfg.log.wandb_group,
+                name=cfg.run_name, id=_wandb_id(cfg.run_dir), resume="allow", mode=cfg.log.wandb_mode,
+                dir=str(cfg.run_dir), config=cfg.to_dict())
+        if cfg.log.progress:
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            smoothing=0.05, mininterval=0.5 if interactive else 60.0)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def info(self, message: str) -> None:
+        if not self.is_main:
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def advance(self, steps: int, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,99 @@
+"""``smim-train``: pre-train on this process, under torchrun / the deepspeed launcher, or as one task of a SLURM job.
+
+    smim-train --config configs/maskfeat_proxy.yaml optim.lr=2e-3 run_name=mf_proxy
+
+Re-running the same command resumes the run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from smim_dist.config import Config, ConfigError, load_config
+from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
+from smim_dist.engine.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from smim_dist.engine.deepspeed_setup import build_engine, check_precision
+from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
+from smim_dist.engine.loop import EpochRunner, TrainState
+from smim_dist.engine.run_dir import check_run_dir, create_run_dir
+from smim_dist.logging import RunLogger
+from smim_dist.models.mim import MIMModel
+from smim_dist.targets.build import build_target
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="smim-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (may name a base: chain)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-3 model.size=small")
+    return parser.parse_args(argv)
+
+
+def _should_save(cfg: Config, state: TrainState) -> bool:
+    return state.epoch % cfg.checkpoint.every_epochs == 0 or state.epoch == cfg.optim.epochs
+
+
+def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> TrainState:
+    """Build everything for this rank and train until the configured epochs are done or a stop is requested."""
+    resuming = check_run_dir(cfg)
+    if dist_info.is_main:
+        create_run_dir(cfg)
+        if cfg.data.source == "demo":
+            prepare_demo_data(cfg)
+    barrier()
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    target = build_target(cfg).to(dist_info.device)
+    model = MIMModel(cfg.model, target.out_dim)
+    engine = build_engine(cfg, model, dist_info.world_size, dist_info.device)
+    loader, sampler = build_pretrain_loader(cfg, dist_info.rank, dist_info.world_size)
+    state = TrainState()
+    tag = latest_tag(cfg.run_dir) if resuming else None
+    if tag is not None:
+        state = TrainState(**load_checkpoint(engine, cfg.run_dir, dist_info, tag)["train_state"])
+    logger = RunLogger(cfg, dist_info.is_main, sampler.steps_per_epoch * cfg.optim.epochs, state.step)
+    runner = EpochRunner(cfg, engine, target, dist_info.device, logger, sampler.steps_per_epoch)
+    logger.info(f"run {cfg.run_dir} ({'resumed from ' + tag if tag else 'new'}): {cfg.model.mode} ViT-{cfg.model.size}"
+                f" {cfg.target.kind} target, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                f"{dist_info.world_size} x {dist_info.device.type} ranks, ZeRO-{cfg.engine.zero_stage} "
+                f"{cfg.engine.precision}, global batch {cfg.optim.global_batch} = {cfg.optim.micro_batch} x "
+                f"{engine.gradient_accumulation_steps()} accumulation x {dist_info.world_size}, "
+                f"{sampler.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
+    try:
+        while state.epoch < cfg.optim.epochs:
+            sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            stopped = runner.run_epoch(loader, state, stop_requested)
+            if stopped or _should_save(cfg, state):
+                path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
+                                                                        "config_hash": cfg.hash()},
+                                       tag=f"step_{state.step:08d}")
+                logger.info(f"checkpoint {path}")
+            if stopped:
+                logger.info(f"stopped at step {state.step} on request; re-run the same command to resume")
+                break
+    finally:
+        logger.close()
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"smim-train: config error: {err}", file=sys.stderr)
+        return 2
+    dist_info = init_distributed()
+    try:
+        check_precision(cfg.engine.precision, dist_info.device)
+        train(cfg, dist_info)
+    except ConfigError as err:
+        print(f"smim-train: config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
