@@ -17,7 +17,7 @@ from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_d
 from smim_dist.engine.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
-from smim_dist.engine.loop import EpochRunner, TrainState
+from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
 from smim_dist.logging import RunLogger
 from smim_dist.models.mim import MIMModel
@@ -44,9 +44,10 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
         if cfg.data.source == "demo":
             prepare_demo_data(cfg)
     barrier()
-    torch.manual_seed(cfg.seed + dist_info.rank)
     target = build_target(cfg).to(dist_info.device)
+    torch.manual_seed(cfg.seed)
     model = MIMModel(cfg.model, target.out_dim)
+    torch.manual_seed(cfg.seed + 1 + dist_info.rank)
     engine = build_engine(cfg, model, dist_info.world_size, dist_info.device)
     loader, sampler = build_pretrain_loader(cfg, dist_info.rank, dist_info.world_size)
     state = TrainState()
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"smim-train: config error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"smim-train: stopped: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

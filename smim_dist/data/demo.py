@@ -4,9 +4,10 @@ The CPU demo and the evaluation tests need labelled, segmented images that ship 
 learnable in minutes. Each image holds one to three shapes of six classes over a textured background (a gradient plus
 low-frequency noise, stripes or a checker in random colours), so flat colour is no cue and a model has to learn shape.
 
-Every image is a pure function of (seed, split, index): generation parallelises, and a partial rebuild is byte-identical.
+Every image is a pure function of (seed, split, index): generation parallelises and a partial rebuild is byte-identical.
 The label is the class covering the most pixels of the segmentation mask, recomputed from the mask so the two never
-disagree; the first shape is drawn large and scenes where it is not clearly dominant are redrawn, so labels are learnable.
+disagree; the first shape is drawn large and scenes where it is not clearly dominant are redrawn, so labels are
+learnable.
 """
 
 from __future__ import annotations
@@ -82,17 +83,23 @@ def _polygon(cls: int, r: float, angle: float) -> np.ndarray:
         pts = [(q * math.cos(a), q * math.sin(a)) for q, a in zip(radii, np.arange(10) * math.pi / 5 - math.pi / 2)]
     else:  # cross
         w = 0.3 * r
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
     c, s = math.cos(angle), math.sin(angle)
     return np.array(pts) @ np.array([[c, s], [-s, c]])
 
 
 def _coverage(shape: _Shape, size: int) -> np.ndarray:
-    """Fraction of each pixel the shape covers, in [0, 1]: drawn supersampled and box-filtered for anti-aliasing."""
+    """Fraction of each pixel the shape covers, in [0, 1]: drawn supersampled and box-filtered for anti-aliasing.
+
+    Drawing only the shape's bounding box keeps the many small shapes cheap.
+    """
     k = _SUPERSAMPLE
-    canvas = Image.new("L", (size * k, size * k), 0)
+    x0, y0 = max(0, int(shape.cx - shape.r) - 1), max(0, int(shape.cy - shape.r) - 1)
+    x1, y1 = min(size, int(shape.cx + shape.r) + 2), min(size, int(shape.cy + shape.r) + 2)
+    canvas = Image.new("L", ((x1 - x0) * k, (y1 - y0) * k), 0)
     draw = ImageDraw.Draw(canvas)
-    cx, cy, r = shape.cx * k, shape.cy * k, shape.r * k
+    cx, cy, r = (shape.cx - x0) * k, (shape.cy - y0) * k, shape.r * k
     name = CLASS_NAMES[shape.cls]
     if name in ("circle", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
@@ -102,7 +109,9 @@ def _coverage(shape: _Shape, size: int) -> np.ndarray:
     else:
         pts = _polygon(shape.cls, r, shape.angle) + (cx, cy)
         draw.polygon([tuple(p) for p in pts], fill=255)
-    return np.asarray(canvas.reduce(k), dtype=np.float32) / 255.0
+    cov = np.zeros((size, size), np.float32)
+    cov[y0:y1, x0:x1] = np.asarray(canvas.reduce(k), dtype=np.float32) / 255.0
+    return cov
 
 
 def _background(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -184,7 +193,7 @@ def render_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndar
     mask = _mask(layers, size)
     for _ in range(_TRIES):  # if no draw keeps the main shape dominant, it stays alone
         extras = [_shape(rng, int(rng.integers(len(CLASS_NAMES))), size, False, avoid) for _ in range(rng.integers(3))]
-        candidate = layers + [(s, _coverage(s, size)) for s in extras]
+        candidate = layers + [(extra, _coverage(extra, size)) for extra in extras]
         candidate_mask = _mask(candidate, size)
         if _dominant(candidate_mask, main.cls):
             layers, mask = candidate, candidate_mask
@@ -278,6 +287,7 @@ def ensure_demo_dataset(
     ``root/manifest.json``. The tree is built in a private sibling directory and renamed onto ``root`` in one step, so
     concurrent callers (DDP ranks on one machine) never see a partial tree: the first rename wins, later ones discard
     their copy, which is identical. An empty ``root`` directory counts as absent; anything else is never deleted.
+    Each split needs at least one image per class, because ImageFolder refuses an empty class folder.
     """
     _check_int("num_train", num_train, len(CLASS_NAMES))
     _check_int("num_val", num_val, len(CLASS_NAMES))
@@ -286,7 +296,7 @@ def ensure_demo_dataset(
     _check_int("workers", workers, 0)
     root = Path(root)
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "size": size, "seed": seed}
-    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
         _check_existing(root, params)
         return root
 

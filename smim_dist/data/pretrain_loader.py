@@ -30,7 +30,7 @@ class ImageListDataset(Dataset):
 
 def prepare_demo_data(cfg: Config) -> Path:
     """Generate the demo set on first use (safe when several ranks race to do it)."""
-    return ensure_demo_dataset(cfg.data.path, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 1),
+    return ensure_demo_dataset(cfg.data.path, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
                                size=max(96, cfg.model.img_size * 3 // 2), seed=0)
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from smim_dist.config import Config
 from smim_dist.data.batch import DeviceNormalizer
@@ -110,7 +111,7 @@ class EpochRunner:
                 self.logger.advance(1)
                 if state.step % self.cfg.log.every_steps == 0 or state.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    self._log(state, loss_sum / max(good_micro, 1), elapsed, data_wait, window_steps)
+                    self._log(state, loss_sum, good_micro, elapsed, data_wait, window_steps)
                     loss_sum.zero_()
                     good_micro, window_steps, data_wait = 0, 0, 0.0
                     window_start = time.perf_counter()
@@ -119,11 +120,15 @@ class EpochRunner:
         state.batch_in_epoch = 0
         return False
 
-    def _log(self, state: TrainState, mean_loss: torch.Tensor, elapsed: float, data_wait: float, steps: int) -> None:
+    def _log(self, state: TrainState, loss_sum: torch.Tensor, good_micro: int, elapsed: float, data_wait: float,
+             steps: int) -> None:
+        """Metrics over the steps since the last log; the loss is the mean over all ranks' micro-batches."""
+        totals = torch.stack([loss_sum, torch.tensor(float(good_micro), device=self.device)])
+        dist.all_reduce(totals)
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "epoch": state.epoch + state.batch_in_epoch / (self.steps_per_epoch * self.accumulation),
-            "loss": float(mean_loss),
+            "loss": float(totals[0] / totals[1].clamp(min=1)),
             "lr": self.lr_at(state.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "images_per_s": steps * self.cfg.optim.global_batch / elapsed,

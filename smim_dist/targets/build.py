@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from smim_dist.config import Config
+from smim_dist.targets.dalle import DalleTokenizer
 from smim_dist.targets.hog import HOGTarget
 from smim_dist.targets.pixels import PixelTarget
 
@@ -48,8 +49,6 @@ def build_target(cfg: Config) -> MIMTarget:
     if kind == "pixels":
         pixels = PixelTarget(patch_size=cfg.model.patch_size)
         return MIMTarget(kind, pixels, pixels.out_dim)
-    from smim_dist.targets.dalle import DalleTokenizer
-
     if cfg.model.patch_size != 16:
         raise ValueError(f"model.patch_size={cfg.model.patch_size}: the DALL-E tokenizer gives one code per 8 px of "
                          "the half-size view, i.e. per 16 px patch; use patch_size 16 with target.kind=beit")

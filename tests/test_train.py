@@ -1,0 +1,106 @@
+"""The real ``smim-train`` CLI: single process, DeepSpeed ZeRO on 2 gloo processes, the NaN guard, bad input."""
+
+import json
+import sys
+
+import pytest
+from deepspeed.accelerator import get_accelerator
+
+from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
+
+TINY_CONFIG = "configs/demo_cpu.yaml"
+
+
+def snapshot(directory):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
+    base = tiny_overrides(tmp_path, demo_data)
+    train_cli(1, TINY_CONFIG, [*base, "run_name=single", "engine.zero_stage=0"])
+    reference = losses(tmp_path / "single")
+    assert sorted(reference) == list(range(1, 9)), "2 epochs x 4 steps, logged every step"
+    for stage in (0, 2, 3):
+        name = f"zero{stage}"
+        train_cli(2, TINY_CONFIG, [*base, f"run_name={name}", f"engine.zero_stage={stage}"])
+        got = losses(tmp_path / name)
+        assert got.keys() == reference.keys()
+        for step, loss in reference.items():
+            assert got[step] == pytest.approx(loss, rel=2e-4), f"ZeRO-{stage} step {step}"
+
+
+def test_nan_on_one_rank_is_skipped_by_all_ranks(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=nan")
+    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "tests/scripts/train_with_nan.py", "0", "2,3", "--config", TINY_CONFIG, *overrides])
+    records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 2
+    assert records[-1]["step"] == 6, "8 micro-batches minus the 2 skipped ones, one optimizer step each"
+    assert all(r["loss"] == r["loss"] for r in records), "no NaN reached the logged loss"
+
+
+def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=diverge", "engine.max_bad_steps=3",
+                               "checkpoint.every_epochs=1")
+    proc = run_cli(["tests/scripts/train_with_nan.py", "0", "9+", "--config", TINY_CONFIG, *overrides], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 non-finite losses in a row" in proc.stderr and "engine.max_bad_steps=3" in proc.stderr
+    checkpoints = tmp_path / "diverge" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004"]
+
+
+def test_demo_config_end_to_end(tmp_path, demo_data):
+    overrides = [f"output_dir={tmp_path}", f"data.path={tmp_path / 'data'}", "data.demo_images=256", "optim.epochs=3",
+                 "optim.global_batch=32", "optim.micro_batch=32", "log.every_steps=4", "checkpoint.every_epochs=3"]
+    proc = train_cli(1, TINY_CONFIG, overrides)
+    run = tmp_path / "demo_cpu"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    for key in ("loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "step_time_s", "peak_mem_mb",
+                "skipped_steps", "epoch"):
+        assert all(r[key] is not None for r in records), key
+    assert records[-1]["loss"] < 0.9 * records[0]["loss"], [r["loss"] for r in records]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+    assert (run / "config.yaml").read_text().startswith("# config hash ")
+    assert list((run / "wandb").glob("offline-run-*")), "wandb offline run directory"
+    assert "run " in proc.stderr and "ZeRO-1 fp32" in proc.stderr
+
+
+def test_rerun_with_other_config_refuses_and_changes_nothing(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=taken", "optim.epochs=1")
+    train_cli(1, TINY_CONFIG, overrides)
+    before = snapshot(tmp_path / "taken")
+    proc = train_cli(1, TINY_CONFIG, [*overrides, "optim.lr=0.1"], check=False)
+    assert proc.returncode == 2
+    assert "optim.lr: 0.0015 -> 0.1" in proc.stderr and "Pick a new run_name" in proc.stderr
+    assert snapshot(tmp_path / "taken") == before
+
+
+def test_unsupported_precision_names_what_is_supported(tmp_path, demo_data):
+    accelerator = get_accelerator()
+    supported = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    missing = [name for name, ok in supported.items() if not ok]
+    if not missing:
+        pytest.skip("this device supports every precision")
+    proc = train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"engine.precision={missing[0]}"),
+                     check=False)
+    assert proc.returncode == 2
+    assert f"engine.precision={missing[0]} is not supported" in proc.stderr and "supported here: fp32" in proc.stderr
+    assert not (tmp_path / "demo_cpu").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/nope.yaml"], "config file not found"),
+    (["--config", TINY_CONFIG, "optim.micro_batch=24"], "not a multiple of optim.micro_batch=24"),
+    (["--config", TINY_CONFIG, "optim.lr=fast"], "optim.lr: expected float, got str 'fast'"),
+])
+def test_bad_cli_input_fails_before_work(args, message):
+    proc = run_cli(["-m", "smim_dist.train", *args], check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_local_launcher_refuses_batch_that_does_not_split():
+    proc = run_cli(["launchers/local.py", "--nproc", "3", "--config", TINY_CONFIG], check=False)
+    assert proc.returncode == 2
+    assert "optim.global_batch=64 is not divisible by optim.micro_batch=64 x 3 processes" in proc.stderr
