@@ -20,6 +20,7 @@ import yaml
 
 from smim_dist.models.encoder import image_grid
 from smim_dist.models.sizes import VIT_SIZES
+from smim_dist.targets.dalle import TokenizerWeightsError, check_tokenizer_file
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,8 @@ class MaskConfig:
 @dataclass
 class DataConfig:
     source: str = "demo"
-    """demo (the embedded synthetic shapes set, generated on first use)"""
+    """demo (the embedded synthetic shapes set, generated on first use) | imagefolder (``path/train/<class>/*``,
+    the ImageNet layout)"""
     path: str = "data_cache/demo"
     demo_images: int = 2048
     num_workers: int = 4
@@ -167,7 +169,7 @@ CHOICES = {
     "model.mode": ("proxy", "vanilla"),
     "target.kind": ("beit", "maskfeat", "pixels"),
     "mask.kind": ("random", "block"),
-    "data.source": ("demo",),
+    "data.source": ("demo", "imagefolder"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -297,6 +299,14 @@ def validate(cfg: Config) -> None:
     if not 0 < num_masked < num_patches:
         raise ConfigError(f"mask.ratio={cfg.mask.ratio} masks {num_masked} of {num_patches} patches; at least one "
                           "patch must stay visible and one be masked")
+    if cfg.target.kind == "beit":
+        try:
+            check_tokenizer_file(cfg.target.tokenizer_path, cfg.target.trust_pickle)
+        except TokenizerWeightsError as err:
+            raise ConfigError(str(err)) from err
+        if cfg.model.patch_size != 16:
+            raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the DALL-E tokenizer gives one code per 8 px "
+                              "of the half-size view, i.e. per 16 px patch; use patch_size 16 with target.kind=beit")
     if cfg.target.kind == "maskfeat" and cfg.model.patch_size % 8:
         raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the HOG target needs a multiple of 8")
     optim = cfg.optim
@@ -310,6 +320,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr={optim.min_lr} must be between 0 and optim.lr={optim.lr}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
+        raise ConfigError(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
+                          "<path>/train/<class>/<image> (the ImageNet layout)")
     low, high = cfg.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must satisfy 0 < min <= max <= 1")

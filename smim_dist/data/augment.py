@@ -51,6 +51,8 @@ class PretrainSample:
     """uint8 [3, H/2, W/2] view of the same crop for the DALL-E tokenizer (BEiT target only)"""
     mask: np.ndarray
     """bool [num_patches], True = masked"""
+    corrupt_skipped: int = 0
+    """undecodable files passed over to produce this sample"""
 
 
 class PretrainTransform:
@@ -80,7 +82,8 @@ class PretrainTransform:
 def stack_samples(samples: list[PretrainSample]) -> dict[str, Tensor]:
     """Collate in the worker: uint8 images, optional tokenizer views, and the masks already split into indices."""
     mask = MaskIndices.from_bool(np.stack([s.mask for s in samples]))
-    batch = {"images": torch.stack([s.image for s in samples]), "visible": mask.visible, "masked": mask.masked}
+    batch = {"images": torch.stack([s.image for s in samples]), "visible": mask.visible, "masked": mask.masked,
+             "corrupt_skipped": torch.tensor(sum(s.corrupt_skipped for s in samples))}
     if samples[0].tokenizer_view is not None:
         batch["tokenizer_views"] = torch.stack([s.tokenizer_view for s in samples])
     return batch

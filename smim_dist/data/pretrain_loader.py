@@ -1,5 +1,5 @@
-"""Pre-training loader over a list of image files (the embedded demo set), with per-sample augmentation and masking
-in the worker processes."""
+"""Pre-training loader over image files (the embedded demo set or an ImageFolder tree), with per-sample augmentation
+and masking in the worker processes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from smim_dist.config import Config
@@ -14,8 +15,13 @@ from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samp
 from smim_dist.data.demo import ensure_demo_dataset, load_manifest
 from smim_dist.data.sampler import ResumableDistributedSampler
 
+MAX_REPLACEMENTS = 16
+
 
 class ImageListDataset(Dataset):
+    """Decodes one file per sample; an undecodable file is replaced by the next decodable one and counted, so a
+    corrupt image costs one sample instead of a multi-day run."""
+
     def __init__(self, root: Path, files: list[str], transform: PretrainTransform):
         self.root, self.files, self.transform = root, files, transform
 
@@ -24,8 +30,17 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> PretrainSample:
         epoch, index = key
-        image = decode_image(str(self.root / self.files[index]), mode=ImageReadMode.RGB)
-        return self.transform(image, epoch, index)
+        for offset in range(MAX_REPLACEMENTS):
+            path = self.root / self.files[(index + offset) % len(self.files)]
+            try:
+                image = decode_image(str(path), mode=ImageReadMode.RGB)
+            except (RuntimeError, OSError):
+                continue
+            sample = self.transform(image, epoch, index)
+            sample.corrupt_skipped = offset
+            return sample
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive undecodable images from {self.root / self.files[index]}; "
+                           "the data set looks broken")
 
 
 def prepare_demo_data(cfg: Config) -> Path:
@@ -34,9 +49,18 @@ def prepare_demo_data(cfg: Config) -> Path:
                                size=max(96, cfg.model.img_size * 3 // 2), seed=0)
 
 
-def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, ResumableDistributedSampler]:
+def training_files(cfg: Config) -> tuple[Path, list[str]]:
     root = Path(cfg.data.path)
-    files = [entry["image"] for entry in load_manifest(root)["train"]]
+    if cfg.data.source == "demo":
+        return root, [entry["image"] for entry in load_manifest(root)["train"]]
+    train = root / "train"
+    classes, class_to_idx = find_classes(str(train))
+    samples = make_dataset(str(train), class_to_idx, extensions=IMG_EXTENSIONS)
+    return train, [str(Path(path).relative_to(train)) for path, _ in samples]
+
+
+def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, ResumableDistributedSampler]:
+    root, files = training_files(cfg)
     dataset = ImageListDataset(root, files, PretrainTransform(cfg))
     sampler = ResumableDistributedSampler(len(dataset), cfg.optim.micro_batch, cfg.optim.accumulation_steps(world_size),
                                           rank, world_size, cfg.seed)

@@ -37,6 +37,8 @@ class TrainState:
     """good micro-batches accumulated towards the next optimizer step"""
     skipped: int = 0
     bad_in_row: int = 0
+    corrupt_images: int = 0
+    """undecodable images this rank's loader passed over"""
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +76,7 @@ class EpochRunner:
         fetch_start = time.perf_counter()
         for raw in loader:
             data_wait += time.perf_counter() - fetch_start
+            state.corrupt_images += int(raw["corrupt_skipped"])
             batch = self.normalize(raw)
             targets = gather_masked(self.target(batch.images, batch.tokenizer_views), batch.mask.masked)
             if state.micro_in_window == 0:
@@ -123,7 +126,8 @@ class EpochRunner:
     def _log(self, state: TrainState, loss_sum: torch.Tensor, good_micro: int, elapsed: float, data_wait: float,
              steps: int) -> None:
         """Metrics over the steps since the last log; the loss is the mean over all ranks' micro-batches."""
-        totals = torch.stack([loss_sum, torch.tensor(float(good_micro), device=self.device)])
+        counts = torch.tensor([good_micro, state.corrupt_images], dtype=torch.float32, device=self.device)
+        totals = torch.cat([loss_sum.reshape(1), counts])
         dist.all_reduce(totals)
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
@@ -136,6 +140,7 @@ class EpochRunner:
             "data_wait_frac": data_wait / elapsed,
             "peak_mem_mb": _peak_memory_mb(self.device),
             "skipped_steps": state.skipped,
+            "corrupt_images": int(totals[2]),
         }
         self.logger.log(state.step, metrics)
         self.logger.advance(0, loss=metrics["loss"], lr=metrics["lr"])

@@ -49,8 +49,5 @@ def build_target(cfg: Config) -> MIMTarget:
     if kind == "pixels":
         pixels = PixelTarget(patch_size=cfg.model.patch_size)
         return MIMTarget(kind, pixels, pixels.out_dim)
-    if cfg.model.patch_size != 16:
-        raise ValueError(f"model.patch_size={cfg.model.patch_size}: the DALL-E tokenizer gives one code per 8 px of "
-                         "the half-size view, i.e. per 16 px patch; use patch_size 16 with target.kind=beit")
     tokenizer = DalleTokenizer.from_file(cfg.target.tokenizer_path, trust_pickle=cfg.target.trust_pickle)
     return MIMTarget(kind, tokenizer, tokenizer.num_codes)

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.serialization import SourceChangeWarning
 
@@ -35,6 +36,7 @@ __all__ = [
     "DalleEncoder",
     "DalleTokenizer",
     "TokenizerWeightsError",
+    "check_tokenizer_file",
     "load_dalle_encoder",
     "map_pixels",
 ]
@@ -226,8 +228,6 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 def _read_weights(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     if suffix in (".pt", ".pth", ".bin"):
         try:
@@ -240,18 +240,7 @@ def _read_weights(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
                 ) from exc
             obj = _load_trusted_pickle(path)
         return _as_state_dict(obj, path)
-    if suffix == ".pkl":
-        if not trust_pickle:
-            raise TokenizerWeightsError(
-                f"{path} is a pickle (like OpenAI's encoder.pkl, a whole pickled module). Unpickling runs code from "
-                "the file, so it is refused by default. If you trust the file, set `target.trust_pickle: true` "
-                "(load_dalle_encoder(..., trust_pickle=True)), or convert it once to a .safetensors/.pt state dict."
-            )
-        return _as_state_dict(_load_trusted_pickle(path), path)
-    raise TokenizerWeightsError(
-        f"{path}: unsupported weights format {suffix or '(no extension)'!r}; use .pkl (OpenAI's encoder.pkl), "
-        ".pt/.pth or .safetensors."
-    )
+    return _as_state_dict(_load_trusted_pickle(path), path)
 
 
 def _check_matches(encoder: DalleEncoder, state: Mapping[str, Tensor], path: Path) -> None:
@@ -276,12 +265,9 @@ def _check_matches(encoder: DalleEncoder, state: Mapping[str, Tensor], path: Pat
     )
 
 
-def load_dalle_encoder(path: str | os.PathLike | None, trust_pickle: bool = False) -> DalleEncoder:
-    """Build a ``DalleEncoder`` and load its weights from ``path``; frozen (eval mode, no gradients).
-
-    ``.safetensors``/``.pt``/``.pth`` files hold a state dict (possibly under 'state_dict' or 'model'); ``.pkl`` is
-    OpenAI's pickled module, loaded (without needing the ``dall_e`` package) only if ``trust_pickle``.
-    """
+def check_tokenizer_file(path: str | os.PathLike | None, trust_pickle: bool = False) -> Path:
+    """The checks that need no unpickling: given, present, a known format, and trusted if it is a pickle; so a run
+    can refuse a bad tokenizer setting before it starts any process."""
     if path is None or str(path) == "":
         raise TokenizerWeightsError(
             f"No tokenizer weights given (target.tokenizer_path is empty). {_HOW_TO_GET_WEIGHTS}"
@@ -289,6 +275,27 @@ def load_dalle_encoder(path: str | os.PathLike | None, trust_pickle: bool = Fals
     path = Path(path).expanduser()
     if not path.is_file():
         raise TokenizerWeightsError(f"Tokenizer weights file not found: {path}. {_HOW_TO_GET_WEIGHTS}")
+    if path.suffix.lower() == ".pkl" and not trust_pickle:
+        raise TokenizerWeightsError(
+            f"{path} is a pickle (like OpenAI's encoder.pkl, a whole pickled module). Unpickling runs code from "
+            "the file, so it is refused by default. If you trust the file, set `target.trust_pickle: true` "
+            "(load_dalle_encoder(..., trust_pickle=True)), or convert it once to a .safetensors/.pt state dict."
+        )
+    if path.suffix.lower() not in (".pkl", ".pt", ".pth", ".bin", ".safetensors"):
+        raise TokenizerWeightsError(
+            f"{path}: unsupported weights format {path.suffix or '(no extension)'!r}; use .pkl (OpenAI's encoder.pkl), "
+            ".pt/.pth or .safetensors."
+        )
+    return path
+
+
+def load_dalle_encoder(path: str | os.PathLike | None, trust_pickle: bool = False) -> DalleEncoder:
+    """Build a ``DalleEncoder`` and load its weights from ``path``; frozen (eval mode, no gradients).
+
+    ``.safetensors``/``.pt``/``.pth`` files hold a state dict (possibly under 'state_dict' or 'model'); ``.pkl`` is
+    OpenAI's pickled module, loaded (without needing the ``dall_e`` package) only if ``trust_pickle``.
+    """
+    path = check_tokenizer_file(path, trust_pickle)
     state = _read_weights(path, trust_pickle)
     with torch.device("meta"):  # no point drawing 54M random numbers that are overwritten at once
         encoder = DalleEncoder()

@@ -1,0 +1,119 @@
+"""Config loading: base chains, overrides, strict validation with useful messages; the LR schedule."""
+
+import math
+
+import pytest
+import yaml
+
+from smim_dist.config import Config, ConfigError, config_from_dict, load_config, save_config
+from smim_dist.engine.schedule import cosine_lr
+
+from conftest import REPO
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_paper_configs_carry_table_2(tmp_path):
+    (tmp_path / "train").mkdir()
+    data = [f"data.path={tmp_path}"]
+    maskfeat = load_config(REPO / "configs/maskfeat_proxy.yaml", data)
+    assert (maskfeat.model.size, maskfeat.model.mode, maskfeat.model.num_proxy) == ("base", "proxy", 8)
+    assert (maskfeat.mask.kind, maskfeat.mask.ratio) == ("random", 0.6)
+    assert (maskfeat.optim.lr, maskfeat.optim.min_lr, maskfeat.optim.warmup_epochs) == (1.6e-3, 1e-6, 30)
+    assert (maskfeat.optim.clip_grad, maskfeat.data.crop_scale, maskfeat.optim.global_batch) == (0.02, (0.5, 1.0), 2048)
+    vanilla = load_config(REPO / "configs/maskfeat_vanilla.yaml", data)
+    assert (vanilla.model.mode, vanilla.mask.ratio, vanilla.model.num_prefix) == ("vanilla", 0.4, 1)
+    weights = write(tmp_path / "encoder.pt", "")
+    beit = load_config(REPO / "configs/beit_proxy.yaml", [*data, f"target.tokenizer_path={weights}"])
+    assert (beit.optim.lr, beit.optim.min_lr, beit.optim.warmup_epochs, beit.optim.clip_grad) == (1.5e-3, 1e-5, 10, 3.0)
+    assert (beit.data.crop_scale, beit.data.color_jitter, beit.optim.betas) == ((0.08, 1.0), 0.4, (0.9, 0.999))
+
+
+def test_base_chain_and_overrides(tmp_path):
+    write(tmp_path / "root.yaml", "optim:\n  lr: 0.1\n  epochs: 7\n  warmup_epochs: 1\nmodel:\n  size: small\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "mid.yaml", "base: ../root.yaml\noptim:\n  lr: 0.2\n")
+    leaf = write(tmp_path / "sub" / "leaf.yaml", "base: mid.yaml\nrun_name: leaf\n")
+    cfg = load_config(leaf, ["optim.epochs=9", "model.layer_scale_init=null", "optim.betas=[0.9,0.95]"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.model.size, cfg.run_name) == (0.2, 9, "small", "leaf")
+    assert cfg.model.layer_scale_init is None and cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("optim:\n  lrr: 0.1\n", [], "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("modle:\n  size: base\n", [], "unknown key 'modle'; did you mean 'model'?"),
+    ("optim:\n  epochs: ten\n", [], "optim.epochs: expected int, got str 'ten'"),
+    ("", ["optim.epochs"], "not of the form key.sub=value"),
+    ("", ["optim.epoch=3"], "did you mean 'optim.epochs'?"),
+    ("", ["model.size=huge"], "model.size='huge' is not one of"),
+    ("", ["model.mode=proxi"], "did you mean 'proxy'?"),
+    ("", ["mask.ratio=1.0"], "mask.ratio=1.0 masks 196 of 196 patches"),
+    ("", ["mask.ratio=0.001"], "masks 0 of 196"),
+    ("", ["model.img_size=200"], "image size 200x200 is not divisible by patch size 16"),
+    ("", ["model.num_proxy=0"], "model.num_proxy=0"),
+    ("", ["optim.global_batch=100", "optim.micro_batch=64"], "not a multiple of optim.micro_batch=64"),
+    ("", ["engine.zero_stage=4"], "engine.zero_stage=4"),
+    ("", ["target.kind=beit"], "target.tokenizer_path"),
+    ("", ["data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
+])
+def test_errors_name_the_file_key_and_fix(tmp_path, text, overrides, message):
+    path = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(path, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_key_error_names_the_file(tmp_path):
+    path = write(tmp_path / "typo.yaml", "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+def test_missing_base_and_missing_file(tmp_path):
+    path = write(tmp_path / "c.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml \(named as base by .*c.yaml\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_base_loop_is_refused(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_saved_config_round_trips_with_its_hash(tmp_path):
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", ["optim.lr=0.002"])
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.splitlines()[0] == f"# config hash {cfg.hash()}"
+    again = config_from_dict(yaml.safe_load(text))
+    assert again == cfg and again.hash() == cfg.hash()
+    assert load_config(REPO / "configs/demo_cpu.yaml").hash() != cfg.hash()
+    assert Config().hash() == Config().hash()
+
+
+def test_accumulation_from_global_batch():
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", ["optim.global_batch=256", "optim.micro_batch=32"])
+    assert cfg.optim.accumulation_steps(1) == 8 and cfg.optim.accumulation_steps(4) == 2
+    with pytest.raises(ConfigError, match="not divisible by optim.micro_batch=32 x 3 processes"):
+        cfg.optim.accumulation_steps(3)
+
+
+def test_cosine_schedule_values():
+    peak, floor = 1.5e-3, 1e-5
+    assert cosine_lr(0, 1000, 100, peak, floor) == 0.0
+    assert cosine_lr(50, 1000, 100, peak, floor) == pytest.approx(peak / 2)
+    assert cosine_lr(100, 1000, 100, peak, floor) == pytest.approx(peak)
+    assert cosine_lr(550, 1000, 100, peak, floor) == pytest.approx(floor + (peak - floor) / 2)
+    assert cosine_lr(1000, 1000, 100, peak, floor) == pytest.approx(floor)
+    assert cosine_lr(5000, 1000, 100, peak, floor) == pytest.approx(floor)
+    quarter = cosine_lr(325, 1000, 100, peak, floor)
+    assert quarter == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+    values = [cosine_lr(s, 1000, 100, peak, floor) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "monotone after warmup"
