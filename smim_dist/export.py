@@ -1,0 +1,88 @@
+"""``smim-export``: a pre-training checkpoint (any ZeRO stage) -> a plain timm ViT in safetensors, plus its kwargs.
+
+    smim-export runs/beit_proxy/checkpoints/step_00150000 vit_b_smim.safetensors
+    smim-export runs/beit_proxy vit_b_smim.safetensors          # the run's latest checkpoint
+
+The result loads with ``timm.create_model(name, pretrained=False, **kwargs)`` and ``load_state_dict(strict=True)``;
+fine-tuning and every downstream use start from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import save_file
+
+from smim_dist.config import Config, ConfigError, config_from_dict
+from smim_dist.engine.checkpoint import LATEST
+from smim_dist.engine.run_dir import CONFIG_FILE
+from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs, timm_model_name
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Config]:
+    """The checkpoint directory and the run's config, from a checkpoint directory or a run directory."""
+    if (path / "checkpoints" / LATEST).exists():
+        path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
+    if not any(path.glob("*model_states.pt")):
+        raise FileNotFoundError(f"{path} is not a smim_dist checkpoint (no DeepSpeed model states); pass a run "
+                                "directory or one of its checkpoints/<tag> directories")
+    config_file = path.parent.parent / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in the run directory {path.parent.parent}; the export needs the "
+                                "run's model config")
+    return path, config_from_dict(yaml.safe_load(config_file.read_text()))
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model, gathered from ZeRO partitions where the optimizer holds the master copy."""
+    if any(checkpoint.glob("*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:
+        state = torch.load(checkpoint / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    return {key: value.float() for key, value in state.items()}
+
+
+def export(checkpoint: Path, out: Path) -> dict:
+    checkpoint, cfg = resolve_checkpoint(checkpoint)
+    encoder = encoder_state_dict(consolidated_state_dict(checkpoint))
+    create_timm_encoder(cfg.model, encoder)
+    meta = {"timm_model": timm_model_name(cfg.model), "timm_kwargs": timm_kwargs(cfg.model),
+            "source_checkpoint": str(checkpoint.resolve()), "config_hash": cfg.hash(), "mode": cfg.model.mode,
+            "target": cfg.target.kind}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in encoder.items()}, str(out),
+              metadata={"timm_model": meta["timm_model"], "timm_kwargs": json.dumps(meta["timm_kwargs"])})
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="smim-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a run directory or a run's checkpoints/<tag> directory")
+    parser.add_argument("out", type=Path, help="output .safetensors file (kwargs go to the same name with .json)")
+    args = parser.parse_args(argv)
+    if args.out.suffix != ".safetensors":
+        parser.error(f"output {args.out} must end in .safetensors")
+    try:
+        meta = export(args.checkpoint, args.out)
+    except (FileNotFoundError, ConfigError, ValueError) as err:
+        print(f"smim-export: {err}", file=sys.stderr)
+        return 2
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in meta["timm_kwargs"].items())
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}\n"
+          f"load it with:\n  model = timm.create_model({meta['timm_model']!r}, pretrained=False, {kwargs})\n"
+          f"  model.load_state_dict(safetensors.torch.load_file({str(args.out)!r}), strict=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``smim-export`` turns any checkpoint, ZeRO-sharded included, into a timm ViT with the encoder's exact features."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from smim_dist.config import ModelConfig
+from smim_dist.export import consolidated_state_dict, resolve_checkpoint
+from smim_dist.models.mim import MIMModel
+from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs
+
+from conftest import run_cli, tiny_overrides, train_cli
+
+
+@pytest.mark.parametrize("nproc, stage", [(1, 0), (2, 3)])
+def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
+    name = f"z{stage}"
+    train_cli(nproc, "configs/demo_cpu.yaml",
+              tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1", f"engine.zero_stage={stage}"))
+    out = tmp_path / "export" / "vit.safetensors"
+    proc = run_cli(["-m", "smim_dist.export", str(tmp_path / name), str(out)])
+    assert "strict=True" in proc.stdout
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["timm_kwargs"]["reg_tokens"] == 3 and meta["mode"] == "proxy"
+
+    model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
+    model.load_state_dict(load_file(str(out)), strict=True)
+    checkpoint, cfg = resolve_checkpoint(tmp_path / name)
+    trained = MIMModel(cfg.model, target_dim=27)
+    trained.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
+    assert not torch.equal(trained.encoder.pos_embed, torch.zeros_like(trained.encoder.pos_embed))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = trained.eval().encoder(images).tokens
+        theirs = model.eval().forward_features(images)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["proxy", "vanilla"])
+def test_exported_encoder_drops_pretraining_parts(mode):
+    cfg = ModelConfig(size="micro", mode=mode, img_size=32, num_proxy=5)
+    model = MIMModel(cfg, target_dim=10)
+    state = encoder_state_dict(model.state_dict())
+    assert not any(k.startswith(("recon_blocks", "head", "mask_token")) for k in state)
+    timm_model = create_timm_encoder(cfg, state)
+    assert timm_model.num_prefix_tokens == (5 if mode == "proxy" else 1)
+    assert timm_kwargs(cfg)["reg_tokens"] == (4 if mode == "proxy" else 0)
+
+
+def test_export_refuses_a_non_checkpoint(tmp_path):
+    proc = run_cli(["-m", "smim_dist.export", str(tmp_path), str(tmp_path / "x.safetensors")], check=False)
+    assert proc.returncode == 2 and "is not a smim_dist checkpoint" in proc.stderr
