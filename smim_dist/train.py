@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (may name a base: chain)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-3 model.size=small")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -62,6 +63,9 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
                 f"{cfg.engine.precision}, global batch {cfg.optim.global_batch} = {cfg.optim.micro_batch} x "
                 f"{engine.gradient_accumulation_steps()} accumulation x {dist_info.world_size}, "
                 f"{sampler.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
+    if state.epoch >= cfg.optim.epochs:
+        logger.info(f"this run already finished its {cfg.optim.epochs} epochs; nothing to do (pick a new run_name, or "
+                    "raise optim.epochs under a new run_name, to train again)")
     try:
         while state.epoch < cfg.optim.epochs:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)

@@ -6,6 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from smim_dist.config import ModelConfig
+from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.masking import RandomMaskGenerator
 from smim_dist.models.flops import appendix_c_block_macs, forward_flops
 from smim_dist.models.mask_index import MaskIndices
@@ -40,23 +41,23 @@ def test_prediction_shape_and_counts():
         assert make(mode)(images, mask).shape == (2, 12, 12)
 
 
-def test_proxy_img_and_proxy_tokens_ignore_everything_about_mask_tokens():
-    model, images, mask = make("proxy"), torch.randn(2, 3, IMG, IMG), random_mask()
-    pred_a, blocks_a = capture_block_outputs(model, images, mask)
+def outputs_before_and_after_changing_the_mask_embedding(mode):
+    model, images, mask = make(mode), torch.randn(2, 3, IMG, IMG), random_mask()
+    before = capture_block_outputs(model, images, mask)
     with torch.no_grad():
         model.mask_token.add_(torch.randn_like(model.mask_token))
-    pred_b, blocks_b = capture_block_outputs(model, images, mask)
+    return model, mask, before, capture_block_outputs(model, images, mask)
+
+
+def test_proxy_img_and_proxy_tokens_ignore_everything_about_mask_tokens():
+    _, _, (pred_a, blocks_a), (pred_b, blocks_b) = outputs_before_and_after_changing_the_mask_embedding("proxy")
     for a, b in zip(blocks_a, blocks_b):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(pred_a, pred_b), "the [MASK] embedding must change the reconstruction"
 
 
 def test_vanilla_visible_tokens_do_see_mask_tokens():
-    model, images, mask = make("vanilla"), torch.randn(2, 3, IMG, IMG), random_mask()
-    _, blocks_a = capture_block_outputs(model, images, mask)
-    with torch.no_grad():
-        model.mask_token.add_(torch.randn_like(model.mask_token))
-    _, blocks_b = capture_block_outputs(model, images, mask)
+    model, mask, (_, blocks_a), (_, blocks_b) = outputs_before_and_after_changing_the_mask_embedding("vanilla")
     prefix = model.encoder.num_prefix
     visible = mask.visible + prefix
     a = torch.gather(blocks_a[0], 1, visible.unsqueeze(-1).expand(-1, -1, blocks_a[0].shape[-1]))
@@ -203,3 +204,16 @@ def test_flop_model_matches_flop_counter(mode, training):
         else:
             model.encoder(images)
     assert counter.get_total_flops() == forward_flops(cfg, 0.75, training, target_dim=12)
+
+
+def test_losses_cover_masked_patches_only():
+    per_patch = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)
+    masked = torch.tensor([[1, 4], [0, 5]])
+    picked = gather_masked(per_patch, masked)
+    torch.testing.assert_close(picked, torch.stack([per_patch[0, [1, 4]], per_patch[1, [0, 5]]]))
+    assert mim_loss(picked.clone(), picked) == 0
+    assert mim_loss(picked + 2, picked) == pytest.approx(4.0)
+    codes = torch.tensor([[3, 1], [0, 2]])
+    logits = torch.nn.functional.one_hot(codes, 4).float() * 50
+    assert mim_loss(logits, codes) < 1e-6
+    assert mim_loss(logits, codes.flip(-1)) > 10

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 from deepspeed.accelerator import get_accelerator
 
 from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
@@ -104,3 +105,49 @@ def test_local_launcher_refuses_batch_that_does_not_split():
     proc = run_cli(["launchers/local.py", "--nproc", "3", "--config", TINY_CONFIG], check=False)
     assert proc.returncode == 2
     assert "optim.global_batch=64 is not divisible by optim.micro_batch=64 x 3 processes" in proc.stderr
+
+
+def test_beit_target_trains_end_to_end(tmp_path, demo_data):
+    from smim_dist.targets.dalle import DalleEncoder
+
+    weights = tmp_path / "dalle_encoder.pt"
+    torch.save(DalleEncoder().state_dict(), weights)
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=beit", "target.kind=beit",
+                               f"target.tokenizer_path={weights}", "model.patch_size=16", "optim.epochs=1")
+    train_cli(1, TINY_CONFIG, overrides)
+    got = losses(tmp_path / "beit")
+    assert len(got) == 4 and all(7.0 < loss < 10.0 for loss in got.values()), "cross-entropy over 8192 codes"
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, demo_data):
+    from PIL import Image
+
+    tree = tmp_path / "imagenet" / "train"
+    for index in range(40):
+        folder = tree / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.effect_noise((48, 40), 60 + index).convert("RGB").save(folder / f"{index:03d}.jpg")
+    (tree / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tree / "class1" / "empty.png").write_bytes(b"")
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=corrupt", "data.source=imagefolder",
+                               f"data.path={tmp_path / 'imagenet'}", "optim.epochs=2")
+    train_cli(1, TINY_CONFIG, overrides)
+    records = [json.loads(line) for line in (tmp_path / "corrupt" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and records[-1]["corrupt_images"] >= 1
+    assert all(r["loss"] == r["loss"] for r in records)
+
+
+def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_data):
+    common = ["checkpoint.every_epochs=1", "log.wandb_mode=offline"]
+    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=crashed", *common, "engine.max_bad_steps=1")
+    crash = run_cli(["tests/scripts/train_with_nan.py", "0", "8", "--config", TINY_CONFIG, *overrides], check=False)
+    assert crash.returncode == 3
+    run = tmp_path / "crashed"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    resumed = train_cli(1, TINY_CONFIG, overrides)
+    assert "resumed from step_00000004" in resumed.stderr
+    assert losses(run) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+    wandb_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    run_id = (run / "wandb_run_id").read_text().strip()
+    assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)
