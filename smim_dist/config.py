@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from smim_dist.masking import build_mask_generator
 from smim_dist.models.encoder import image_grid
 from smim_dist.models.sizes import VIT_SIZES
 from smim_dist.targets.dalle import TokenizerWeightsError, check_tokenizer_file
@@ -119,6 +120,8 @@ class EngineConfig:
     """fp32 | bf16 | fp16 (dynamic loss scale); bf16/fp16 need a GPU"""
     max_bad_steps: int = 20
     """stop after this many non-finite losses in a row"""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine"""
 
 
 @dataclass
@@ -299,6 +302,10 @@ def validate(cfg: Config) -> None:
     if not 0 < num_masked < num_patches:
         raise ConfigError(f"mask.ratio={cfg.mask.ratio} masks {num_masked} of {num_patches} patches; at least one "
                           "patch must stay visible and one be masked")
+    try:
+        build_mask_generator(cfg.mask.kind, image_grid(cfg.model.img_size, cfg.model.patch_size), cfg.mask.ratio)
+    except ValueError as err:
+        raise ConfigError(f"mask.kind={cfg.mask.kind}, mask.ratio={cfg.mask.ratio}: {err}") from err
     if cfg.target.kind == "beit":
         try:
             check_tokenizer_file(cfg.target.tokenizer_path, cfg.target.trust_pickle)

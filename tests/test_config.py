@@ -117,3 +117,8 @@ def test_cosine_schedule_values():
     assert quarter == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
     values = [cosine_lr(s, 1000, 100, peak, floor) for s in range(100, 1001)]
     assert all(a >= b for a, b in zip(values, values[1:])), "monotone after warmup"
+
+
+def test_block_masking_that_cannot_fit_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"mask.kind=block.*min_block_patches=16"):
+        load_config(REPO / "configs/demo_cpu.yaml", ["model.img_size=32", "mask.kind=block", "mask.ratio=0.4"])

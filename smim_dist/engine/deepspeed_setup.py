@@ -60,6 +60,8 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.d
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
+    if cfg.engine.compile:
+        engine.compile()
     return engine
 
 
