@@ -20,3 +20,17 @@ def gather_masked(per_patch: Tensor, masked: Tensor) -> Tensor:
     """Rows of a per-patch target ``[B, N, ...]`` at the masked indices ``[B, M]``, in the model's prediction order."""
     index = masked.view(*masked.shape, *([1] * (per_patch.dim() - 2))).expand(-1, -1, *per_patch.shape[2:])
     return torch.gather(per_patch, 1, index)
+
+
+@torch.no_grad()
+def image_blind_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """The loss of a model that ignores the image and predicts this batch's average target: the level a training loss
+    must get below to show the model learned anything (MSE targets: the targets' variance around their mean; token
+    targets: the entropy of the batch's code histogram). Device-side, no host read."""
+    if target.dtype == torch.int64:
+        counts = torch.zeros(prediction.shape[-1], device=target.device).scatter_add_(
+            0, target.flatten(), torch.ones(target.numel(), device=target.device))
+        probs = counts / target.numel()
+        return -(probs * torch.log(probs.clamp(min=1e-12))).sum()
+    target = target.float()
+    return (target - target.mean(dim=(0, 1))).square().mean()

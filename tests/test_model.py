@@ -1,12 +1,14 @@
 """The pre-training models do what the paper's equations say, on a micro ViT."""
 
+import math
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from smim_dist.config import ModelConfig
-from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
 from smim_dist.masking import RandomMaskGenerator
 from smim_dist.models.flops import appendix_c_block_macs, forward_flops
 from smim_dist.models.mask_index import MaskIndices
@@ -217,3 +219,11 @@ def test_losses_cover_masked_patches_only():
     logits = torch.nn.functional.one_hot(codes, 4).float() * 50
     assert mim_loss(logits, codes) < 1e-6
     assert mim_loss(logits, codes.flip(-1)) > 10
+
+
+def test_image_blind_loss_is_the_predict_the_mean_level():
+    target = torch.randn(4, 5, 3) * 2 + 1
+    blind = image_blind_loss(torch.zeros(4, 5, 3), target)
+    torch.testing.assert_close(blind, mim_loss(target.mean(dim=(0, 1)).expand_as(target), target))
+    codes = torch.arange(8).repeat(4, 1)
+    assert image_blind_loss(torch.zeros(4, 8, 16), codes) == pytest.approx(math.log(8))

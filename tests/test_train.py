@@ -58,14 +58,15 @@ def test_demo_config_end_to_end(tmp_path, demo_data):
     run = tmp_path / "demo_cpu"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
-    for key in ("loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "step_time_s", "peak_mem_mb",
+    for key in ("loss", "image_blind_loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "step_time_s", "peak_mem_mb",
                 "skipped_steps", "epoch"):
         assert all(r[key] is not None for r in records), key
     assert records[-1]["loss"] < 0.9 * records[0]["loss"], [r["loss"] for r in records]
+    assert records[-1]["loss"] < 0.9 * records[-1]["image_blind_loss"], "learned more than the average target"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000024"
     assert (run / "config.yaml").read_text().startswith("# config hash ")
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run directory"
-    assert "run " in proc.stderr and "ZeRO-1 fp32" in proc.stderr
+    assert "run " in proc.stderr and "ZeRO-1 fp32" in proc.stderr and "image-blind" in proc.stderr
 
 
 def test_rerun_with_other_config_refuses_and_changes_nothing(tmp_path, demo_data):

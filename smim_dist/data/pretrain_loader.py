@@ -16,6 +16,8 @@ from smim_dist.data.demo import ensure_demo_dataset, load_manifest
 from smim_dist.data.sampler import ResumableDistributedSampler
 
 MAX_REPLACEMENTS = 16
+DEMO_IMAGE_SIZE = 128
+"""stored side of the demo images; crops are resized to model.img_size"""
 
 
 class ImageListDataset(Dataset):
@@ -46,7 +48,7 @@ class ImageListDataset(Dataset):
 def prepare_demo_data(cfg: Config) -> Path:
     """Generate the demo set on first use (safe when several ranks race to do it)."""
     return ensure_demo_dataset(cfg.data.path, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
-                               size=max(96, cfg.model.img_size * 3 // 2), seed=0)
+                               size=DEMO_IMAGE_SIZE, seed=0)
 
 
 def training_files(cfg: Config) -> tuple[Path, list[str]]:

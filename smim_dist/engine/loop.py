@@ -16,7 +16,7 @@ from smim_dist.engine.deepspeed_setup import set_lr
 from smim_dist.engine.distributed import any_rank
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.logging import RunLogger
-from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
 from smim_dist.targets.build import MIMTarget
 
 
@@ -71,7 +71,7 @@ class EpochRunner:
     def run_epoch(self, loader, state: TrainState, stop_requested: Callable[[], bool]) -> bool:
         """Train until the loader is exhausted; returns True if every rank agreed to stop early at a step boundary."""
         engine, flags = self.engine, torch.zeros(2, device=self.device)
-        loss_sum, good_micro = torch.zeros((), device=self.device), 0
+        loss_sums, good_micro = torch.zeros(2, device=self.device), 0
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
         for raw in loader:
@@ -81,7 +81,8 @@ class EpochRunner:
             targets = gather_masked(self.target(batch.images, batch.tokenizer_views), batch.mask.masked)
             if state.micro_in_window == 0:
                 set_lr(engine, self.lr_at(state.step))
-            loss = mim_loss(engine(batch.images.to(self.dtype), batch.mask), targets)
+            prediction = engine(batch.images.to(self.dtype), batch.mask)
+            loss = mim_loss(prediction, targets)
             state.batch_in_epoch += 1
             flags[0] = ~torch.isfinite(loss.detach())
             flags[1] = float(state.micro_in_window == 0 and stop_requested())
@@ -104,7 +105,7 @@ class EpochRunner:
             state.bad_in_row = 0
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach()
+            loss_sums += torch.stack([loss.detach(), image_blind_loss(prediction, targets)])
             good_micro += 1
             state.micro_in_window += 1
             if state.micro_in_window == self.accumulation:
@@ -114,8 +115,8 @@ class EpochRunner:
                 self.logger.advance(1)
                 if state.step % self.cfg.log.every_steps == 0 or state.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    self._log(state, loss_sum, good_micro, elapsed, data_wait, window_steps)
-                    loss_sum.zero_()
+                    self._log(state, loss_sums, good_micro, elapsed, data_wait, window_steps)
+                    loss_sums.zero_()
                     good_micro, window_steps, data_wait = 0, 0, 0.0
                     window_start = time.perf_counter()
             fetch_start = time.perf_counter()
@@ -123,16 +124,17 @@ class EpochRunner:
         state.batch_in_epoch = 0
         return False
 
-    def _log(self, state: TrainState, loss_sum: torch.Tensor, good_micro: int, elapsed: float, data_wait: float,
+    def _log(self, state: TrainState, loss_sums: torch.Tensor, good_micro: int, elapsed: float, data_wait: float,
              steps: int) -> None:
         """Metrics over the steps since the last log; the loss is the mean over all ranks' micro-batches."""
         counts = torch.tensor([good_micro, state.corrupt_images], dtype=torch.float32, device=self.device)
-        totals = torch.cat([loss_sum.reshape(1), counts])
+        totals = torch.cat([loss_sums, counts])
         dist.all_reduce(totals)
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "epoch": state.epoch + state.batch_in_epoch / (self.steps_per_epoch * self.accumulation),
-            "loss": float(totals[0] / totals[1].clamp(min=1)),
+            "loss": float(totals[0] / totals[2].clamp(min=1)),
+            "image_blind_loss": float(totals[1] / totals[2].clamp(min=1)),
             "lr": self.lr_at(state.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "images_per_s": steps * self.cfg.optim.global_batch / elapsed,
@@ -140,10 +142,11 @@ class EpochRunner:
             "data_wait_frac": data_wait / elapsed,
             "peak_mem_mb": _peak_memory_mb(self.device),
             "skipped_steps": state.skipped,
-            "corrupt_images": int(totals[2]),
+            "corrupt_images": int(totals[3]),
         }
         self.logger.log(state.step, metrics)
         self.logger.advance(0, loss=metrics["loss"], lr=metrics["lr"])
         self.logger.info(f"step {state.step}/{self.total_steps} ep {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
+                         f"(image-blind {metrics['image_blind_loss']:.4f}) "
                          f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s "
                          f"data-wait {100 * metrics['data_wait_frac']:.0f}%")
