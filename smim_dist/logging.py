@@ -17,7 +17,7 @@ from pathlib import Path
 import wandb
 from tqdm import tqdm
 
-from smim_dist.config import Config
+from smim_dist.config import Config, ConfigError
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -29,6 +29,17 @@ def _wandb_id(run_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")
     return run_id
+
+
+def check_wandb_credentials(cfg: Config) -> None:
+    """An online run needs a key; say so before training instead of hanging at a login prompt on a compute node."""
+    if cfg.log.wandb_mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text():
+        return
+    raise ConfigError("log.wandb_mode=online but no wandb key was found (WANDB_API_KEY or `wandb login`); set the key, "
+                      "or use log.wandb_mode=offline and `wandb sync` the run directory later")
 
 
 class RunLogger:

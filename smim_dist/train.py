@@ -19,7 +19,7 @@ from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
-from smim_dist.logging import RunLogger
+from smim_dist.logging import RunLogger, check_wandb_credentials
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_wandb_credentials(cfg)
     except ConfigError as err:
         print(f"smim-train: config error: {err}", file=sys.stderr)
         return 2

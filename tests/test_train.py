@@ -96,8 +96,11 @@ def test_unsupported_precision_names_what_is_supported(tmp_path, demo_data):
     (["--config", "configs/nope.yaml"], "config file not found"),
     (["--config", TINY_CONFIG, "optim.micro_batch=24"], "not a multiple of optim.micro_batch=24"),
     (["--config", TINY_CONFIG, "optim.lr=fast"], "optim.lr: expected float, got str 'fast'"),
+    (["--config", TINY_CONFIG, "log.wandb_mode=online"], "no wandb key was found"),
 ])
-def test_bad_cli_input_fails_before_work(args, message):
+def test_bad_cli_input_fails_before_work(args, message, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     proc = run_cli(["-m", "smim_dist.train", *args], check=False)
     assert proc.returncode == 2 and message in proc.stderr
 
@@ -152,3 +155,10 @@ def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_
     wandb_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     run_id = (run / "wandb_run_id").read_text().strip()
     assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)
+
+
+def test_compiled_model_trains_like_eager(tmp_path, demo_data):
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1",
+                                                 f"engine.compile={flag}"))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
