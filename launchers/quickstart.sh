@@ -12,11 +12,15 @@ case "$mode" in demo|test) ;; *) echo "usage: bash launchers/quickstart.sh demo|
 log() { printf '[quickstart] %s\n' "$*" >&2; }
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
-# System packages: a C++ toolchain and Python headers (DeepSpeed JIT-compiles a small communication op on first use),
-# venv support for Debian's own Python.
+# System packages: a C++ toolchain and Python headers (DeepSpeed JIT-compiles a small communication op on first use;
+# FFCV builds against the system's OpenCV and libjpeg-turbo and links them at run time), venv support for Debian's
+# own Python.
 need=()
 command -v g++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+pkg-config --exists libturbojpeg 2>/dev/null || need+=(libturbojpeg0-dev)
+pkg-config --exists opencv4 2>/dev/null || need+=(libopencv-dev)
 "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
   || need+=(python3-dev)
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
