@@ -66,16 +66,24 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
     if state.epoch >= cfg.optim.epochs:
         logger.info(f"this run already finished its {cfg.optim.epochs} epochs; nothing to do (pick a new run_name, or "
                     "raise optim.epochs under a new run_name, to train again)")
+    save_pending = False
     try:
         while state.epoch < cfg.optim.epochs:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            stopped = runner.run_epoch(loader, state, stop_requested)
-            if stopped or _should_save(cfg, state):
+            outcome = runner.run_epoch(loader, state, stop_requested, pause_at_next_step=save_pending)
+            finished = state.epoch == cfg.optim.epochs
+            if finished and state.micro_in_window:
+                logger.info(f"dropping the last {state.micro_in_window} accumulated micro-batches: skipped "
+                            "non-finite ones left too few to complete a final step")
+                state.micro_in_window = 0
+            save_pending = save_pending or outcome == "stop" or (outcome == "done" and _should_save(cfg, state))
+            if save_pending and state.micro_in_window == 0:
                 path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
                                                                         "config_hash": cfg.hash()},
                                        tag=f"step_{state.step:08d}")
                 logger.info(f"checkpoint {path}")
-            if stopped:
+                save_pending = False
+            if outcome == "stop":
                 logger.info(f"stopped at step {state.step} on request; re-run the same command to resume")
                 break
     finally:

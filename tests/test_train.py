@@ -162,3 +162,19 @@ def test_compiled_model_trains_like_eager(tmp_path, demo_data):
         train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1",
                                                  f"engine.compile={flag}"))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_skip_inside_accumulation_window_keeps_checkpoints_on_step_boundaries(tmp_path, demo_data):
+    common = ["checkpoint.every_epochs=1", "engine.max_bad_steps=2"]
+    straight = tiny_overrides(tmp_path, demo_data, "run_name=one_skip", *common)
+    run_cli(["tests/scripts/train_with_nan.py", "0", "3", "--config", TINY_CONFIG, *straight])
+    checkpoints = tmp_path / "one_skip" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004", "step_00000007"], \
+        "epoch 1 ends mid-window (7 good micro-batches): its checkpoint waits for step 4; 15 good make 7 steps"
+    crashing = tiny_overrides(tmp_path, demo_data, "run_name=crash_late", *common)
+    crash = run_cli(["tests/scripts/train_with_nan.py", "0", "3,10,11", "--config", TINY_CONFIG, *crashing],
+                    check=False)
+    assert crash.returncode == 3
+    assert (tmp_path / "crash_late" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    train_cli(1, TINY_CONFIG, crashing)
+    assert losses(tmp_path / "crash_late") == pytest.approx(losses(tmp_path / "one_skip"), rel=1e-6)

@@ -68,8 +68,11 @@ class EpochRunner:
     def lr_at(self, step: int) -> float:
         return cosine_lr(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr, self.cfg.optim.min_lr)
 
-    def run_epoch(self, loader, state: TrainState, stop_requested: Callable[[], bool]) -> bool:
-        """Train until the loader is exhausted; returns True if every rank agreed to stop early at a step boundary."""
+    def run_epoch(self, loader, state: TrainState, stop_requested: Callable[[], bool],
+                  pause_at_next_step: bool = False) -> str:
+        """Train until the loader is exhausted ("done"), every rank agreed to stop at a step boundary ("stop"), or,
+        with ``pause_at_next_step``, the next optimizer step is taken ("pause"); checkpoints are only ever written at
+        step boundaries, where no gradients are half accumulated."""
         engine, flags = self.engine, torch.zeros(2, device=self.device)
         loss_sums, good_micro = torch.zeros(2, device=self.device), 0
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -89,7 +92,7 @@ class EpochRunner:
             non_finite, stop = any_rank(flags)
             if stop:
                 state.batch_in_epoch -= 1
-                return True
+                return "stop"
             if non_finite:
                 state.skipped += 1
                 state.bad_in_row += 1
@@ -119,10 +122,12 @@ class EpochRunner:
                     loss_sums.zero_()
                     good_micro, window_steps, data_wait = 0, 0, 0.0
                     window_start = time.perf_counter()
+                if pause_at_next_step:
+                    return "pause"
             fetch_start = time.perf_counter()
         state.epoch += 1
         state.batch_in_epoch = 0
-        return False
+        return "done"
 
     def _log(self, state: TrainState, loss_sums: torch.Tensor, good_micro: int, elapsed: float, data_wait: float,
              steps: int) -> None:
