@@ -139,7 +139,9 @@ class LogConfig:
 class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 3
+    """newest checkpoints kept; older ones are deleted after each save"""
     keep_every_epochs: int = 50
+    """also keep the checkpoint closing every epoch that is a multiple of this (0: none)"""
 
 
 @dataclass
@@ -333,6 +335,10 @@ def validate(cfg: Config) -> None:
     low, high = cfg.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must satisfy 0 < min <= max <= 1")
+    if cfg.checkpoint.every_epochs < 1 or cfg.checkpoint.keep_last < 1 or cfg.checkpoint.keep_every_epochs < 0:
+        raise ConfigError(f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}, keep_last="
+                          f"{cfg.checkpoint.keep_last} must be >= 1 and keep_every_epochs="
+                          f"{cfg.checkpoint.keep_every_epochs} >= 0")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/'")
 

@@ -14,7 +14,7 @@ import torch
 
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
-from smim_dist.engine.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from smim_dist.engine.checkpoint import latest_tag, load_checkpoint, prune_checkpoints, save_checkpoint
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
@@ -80,8 +80,10 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
             if save_pending and state.micro_in_window == 0:
                 path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
                                                                         "config_hash": cfg.hash()},
-                                       tag=f"step_{state.step:08d}")
+                                       tag=f"step_{state.step:08d}", meta=state.state_dict())
                 logger.info(f"checkpoint {path}")
+                if dist_info.is_main:
+                    prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs)
                 save_pending = False
             if outcome == "stop":
                 logger.info(f"stopped at step {state.step} on request; re-run the same command to resume")

@@ -178,3 +178,12 @@ def test_skip_inside_accumulation_window_keeps_checkpoints_on_step_boundaries(tm
     assert (tmp_path / "crash_late" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     train_cli(1, TINY_CONFIG, crashing)
     assert losses(tmp_path / "crash_late") == pytest.approx(losses(tmp_path / "one_skip"), rel=1e-6)
+
+
+def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=prune", "optim.epochs=3", "checkpoint.every_epochs=1",
+                               "checkpoint.keep_last=1", "checkpoint.keep_every_epochs=2", "log.every_steps=4")
+    train_cli(1, TINY_CONFIG, overrides)
+    checkpoints = tmp_path / "prune" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000008", "step_00000012"]
+    assert json.loads((checkpoints / "step_00000008" / "meta.json").read_text())["epoch"] == 2

@@ -7,6 +7,7 @@ as the one a restart uses.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ import torch
 from smim_dist.engine.distributed import DistInfo, barrier
 
 LATEST = "latest"
+META = "meta.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -48,7 +50,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: dict, tag: str) -> Path:
+def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: dict, tag: str,
+                    meta: dict) -> Path:
+    """``meta`` (epoch, step, ...) is written beside the DeepSpeed files so retention can be decided without loading."""
     root = checkpoint_root(run_dir)
     partial = f"{tag}.partial"
     if dist_info.is_main and (root / partial).exists():
@@ -58,12 +62,29 @@ def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: di
     torch.save(_rng_state(), root / partial / f"rng_rank{dist_info.rank:05d}.pt")
     barrier()
     if dist_info.is_main:
+        (root / partial / META).write_text(json.dumps(meta) + "\n")
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(root / partial, root / tag)
         _write_atomic(root / LATEST, tag + "\n")
     barrier()
     return root / tag
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every_epochs: int) -> list[str]:
+    """Rank 0: delete all but the newest ``keep_last`` checkpoints and those that close an epoch that is a multiple of
+    ``keep_every_epochs``; returns the deleted tags. The one ``latest`` names is never deleted."""
+    root = checkpoint_root(run_dir)
+    latest = latest_tag(run_dir)
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / META).exists())
+    deleted = []
+    for tag in tags[: max(len(tags) - keep_last, 0)]:
+        meta = json.loads((root / tag / META).read_text())
+        milestone = keep_every_epochs > 0 and meta["batch_in_epoch"] == 0 and meta["epoch"] % keep_every_epochs == 0
+        if tag != latest and not milestone:
+            shutil.rmtree(root / tag)
+            deleted.append(tag)
+    return deleted
 
 
 def latest_tag(run_dir: Path) -> str | None:
