@@ -13,6 +13,7 @@ lists every skipped file with the reason and counts the images converted to RGB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +122,7 @@ class _Samples:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         try:
             image, _ = _decode(self.paths[index])
-        except BaseException as err:
+        except Exception as err:
             print(f"smim-convert: {self.paths[index]} decoded in the first pass but not now ({err!r}); did it change?",
                   file=sys.stderr, flush=True)
             self.failed.value = 1
@@ -142,7 +145,8 @@ def _watch(writer, samples: _Samples) -> None:
         if samples.failed.value or dead:
             print(f"smim-convert: stopping the writer: {', '.join(dead) or 'a sample failed'}", file=sys.stderr,
                   flush=True)
-            writer.metadata_sm.unlink()
+            with contextlib.suppress(FileNotFoundError):  # FFCV unlinks it once every sample is in
+                writer.metadata_sm.unlink()
             os.killpg(0, signal.SIGKILL)
 
 
@@ -175,10 +179,8 @@ def _write_in_group(tmp: Path, samples: _Samples, jpeg_quality: int, page_size: 
         host.join()
     finally:
         if host.exitcode != 0:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(host.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             host.kill()
             host.join()
     if host.exitcode != 0:
@@ -190,7 +192,7 @@ def _check(src: Path, out: Path, max_side, jpeg_quality, compress_share, chunk_s
         raise UsageError(f"max_side must be an integer in 16..{MAX_SIDE_LIMIT}, got {max_side!r}")
     if not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
         raise UsageError(f"jpeg_quality must be an integer in 1..100, got {jpeg_quality!r}")
-    if not 0 <= compress_share <= 1:
+    if not isinstance(compress_share, (int, float)) or not 0 <= compress_share <= 1:
         raise UsageError(f"compress_share must be in [0, 1] (the fraction of images stored as JPEG), "
                          f"got {compress_share!r}")
     for name, value in (("chunk_size", chunk_size), ("workers", workers)):
@@ -226,9 +228,16 @@ def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, c
         raise UsageError(f"{src} has class folders but no image files in them (extensions "
                          f"{', '.join(sorted(EXTENSIONS))}); expected SRC/<class>/<image>")
 
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        probes = pool.imap(_probe, [str(src / rel) for rel, _ in files], chunksize=chunk_size)
+    # An executor, not a Pool: a Pool waits forever for the files of a worker that was killed (for memory, say).
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        probes = pool.map(_probe, [str(src / rel) for rel, _ in files], chunksize=chunk_size)
         probes = list(tqdm(probes, total=len(files), desc="checking", unit="img", file=sys.stderr))
+    except BrokenProcessPool:
+        raise RuntimeError(f"a worker checking the files of {src} died (killed for memory? a crashing decoder?); "
+                           "nothing was written; try fewer --workers") from None
+    finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C or SIGTERM, do not finish the queued files first
     good, skipped, converted, largest = [], [], {}, 0
     for (rel, label), (reason, mode, width, height) in zip(files, probes):
         if reason:
