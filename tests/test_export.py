@@ -11,6 +11,7 @@ from smim_dist.config import ModelConfig
 from smim_dist.export import consolidated_state_dict, resolve_checkpoint
 from smim_dist.models.mim import MIMModel
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs
+from smim_dist.targets.build import build_target
 
 from conftest import run_cli, tiny_overrides, train_cli
 
@@ -29,7 +30,7 @@ def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
     model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
     model.load_state_dict(load_file(str(out)), strict=True)
     checkpoint, cfg = resolve_checkpoint(tmp_path / name)
-    trained = MIMModel(cfg.model, target_dim=27)
+    trained = MIMModel(cfg.model, target_dim=build_target(cfg).out_dim)
     trained.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
     assert not torch.equal(trained.encoder.pos_embed, torch.zeros_like(trained.encoder.pos_embed))
     images = torch.randn(2, 3, 32, 32)
