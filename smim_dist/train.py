@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_wandb_credentials(cfg)
-    except ConfigError as err:
-        print(f"smim-train: config error: {err}", file=sys.stderr)
-        return 2
-    dist_info = init_distributed()
-    try:
+        dist_info = init_distributed()
         check_precision(cfg.engine.precision, dist_info.device)
         train(cfg, dist_info)
     except ConfigError as err:
