@@ -74,8 +74,12 @@ class MaskConfig:
 class DataConfig:
     source: str = "demo"
     """demo (the embedded synthetic shapes set, generated on first use) | imagefolder (``path/train/<class>/*``,
-    the ImageNet layout)"""
+    the ImageNet layout) | webdataset (tar shards streamed from ``path``: brace patterns, lists, ``pipe:`` commands)"""
     path: str = "data_cache/demo"
+    samples_per_epoch: int = 0
+    """webdataset: samples that make one epoch (a stream has no length of its own)"""
+    shuffle_buffer: int = 1000
+    """webdataset: samples each loader worker shuffles among"""
     demo_images: int = 2048
     num_workers: int = 4
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -174,7 +178,7 @@ CHOICES = {
     "model.mode": ("proxy", "vanilla"),
     "target.kind": ("beit", "maskfeat", "pixels"),
     "mask.kind": ("random", "block"),
-    "data.source": ("demo", "imagefolder"),
+    "data.source": ("demo", "imagefolder", "webdataset"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -332,6 +336,12 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
         raise ConfigError(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
                           "<path>/train/<class>/<image> (the ImageNet layout)")
+    if cfg.data.source == "webdataset" and cfg.data.samples_per_epoch < optim.global_batch:
+        raise ConfigError(f"data.samples_per_epoch={cfg.data.samples_per_epoch}: a webdataset stream needs the epoch "
+                          f"size, at least one global batch ({optim.global_batch}); e.g. the number of samples in "
+                          "the shards")
+    if cfg.data.shuffle_buffer < 1:
+        raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be at least 1")
     low, high = cfg.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must satisfy 0 < min <= max <= 1")

@@ -45,12 +45,12 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
         if cfg.data.source == "demo":
             prepare_demo_data(cfg)
     barrier()
+    loader, sampler = build_pretrain_loader(cfg, dist_info.rank, dist_info.world_size)
     target = build_target(cfg).to(dist_info.device)
     torch.manual_seed(cfg.seed)
     model = MIMModel(cfg.model, target.out_dim)
     torch.manual_seed(cfg.seed + 1 + dist_info.rank)
     engine = build_engine(cfg, model, dist_info.world_size, dist_info.device)
-    loader, sampler = build_pretrain_loader(cfg, dist_info.rank, dist_info.world_size)
     state = TrainState()
     tag = latest_tag(cfg.run_dir) if resuming else None
     if tag is not None:

@@ -7,6 +7,9 @@ import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from smim_dist.config import load_config
+from smim_dist.data.pretrain_loader import prepare_demo_data
+
 from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
@@ -187,3 +190,41 @@ def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
     checkpoints = tmp_path / "prune" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000008", "step_00000012"]
     assert json.loads((checkpoints / "step_00000008" / "meta.json").read_text())["epoch"] == 2
+
+
+def write_demo_shards(demo_data, folder, count=4):
+    import webdataset
+    from smim_dist.data.demo import load_manifest
+
+    entries = load_manifest(demo_data)["train"]
+    folder.mkdir()
+    for shard in range(count):
+        with webdataset.TarWriter(str(folder / f"shard-{shard}.tar")) as sink:
+            for i, entry in enumerate(entries[shard::count]):
+                sink.write({"__key__": f"s{shard}_{i:04d}", "png": (demo_data / entry["image"]).read_bytes(),
+                            "cls": str(entry["label"]).encode()})
+    return f"{folder}/shard-{{0..{count - 1}}}.tar"
+
+
+def test_webdataset_stream_trains_and_resumes_mid_epoch_exactly(tmp_path, demo_data):
+    prepare_demo_data(load_config(REPO / TINY_CONFIG, tiny_overrides(tmp_path, demo_data)))
+    spec = write_demo_shards(demo_data, tmp_path / "shards")
+    common = ["data.source=webdataset", f"data.path={spec}", "data.samples_per_epoch=64", "data.shuffle_buffer=16",
+              "checkpoint.every_epochs=1", "engine.max_bad_steps=2"]
+    straight = tiny_overrides(tmp_path, demo_data, "run_name=wds_one_skip", *common)
+    run_cli(["tests/scripts/train_with_nan.py", "0", "3", "--config", TINY_CONFIG, *straight])
+    crashing = tiny_overrides(tmp_path, demo_data, "run_name=wds_crash", *common)
+    crash = run_cli(["tests/scripts/train_with_nan.py", "0", "3,10,11", "--config", TINY_CONFIG, *crashing],
+                    check=False)
+    assert crash.returncode == 3
+    assert (tmp_path / "wds_crash" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    train_cli(1, TINY_CONFIG, crashing)
+    assert len(losses(tmp_path / "wds_one_skip")) == 7
+    assert losses(tmp_path / "wds_crash") == pytest.approx(losses(tmp_path / "wds_one_skip"), rel=1e-6)
+
+
+def test_webdataset_spec_without_shards_is_refused(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "data.source=webdataset", f"data.path={tmp_path}/x-{{0..3}}.tar",
+                               "data.samples_per_epoch=64")
+    proc = train_cli(1, TINY_CONFIG, overrides, check=False)
+    assert proc.returncode == 2 and "4 of 4 shards do not exist" in proc.stderr

@@ -14,6 +14,7 @@ from smim_dist.config import Config
 from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samples
 from smim_dist.data.demo import ensure_demo_dataset, load_manifest
 from smim_dist.data.sampler import ResumableDistributedSampler
+from smim_dist.data.shards import ShardEpochs
 
 MAX_REPLACEMENTS = 16
 DEMO_IMAGE_SIZE = 128
@@ -61,7 +62,12 @@ def training_files(cfg: Config) -> tuple[Path, list[str]]:
     return train, [str(Path(path).relative_to(train)) for path, _ in samples]
 
 
-def build_pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, ResumableDistributedSampler]:
+def build_pretrain_loader(cfg: Config, rank: int, world_size: int):
+    """The loader to iterate and the object that positions it (``set_epoch(epoch, start_batch)``,
+    ``steps_per_epoch``); for a shard stream both are the same object."""
+    if cfg.data.source == "webdataset":
+        stream = ShardEpochs(cfg, rank, world_size)
+        return stream, stream
     root, files = training_files(cfg)
     dataset = ImageListDataset(root, files, PretrainTransform(cfg))
     sampler = ResumableDistributedSampler(len(dataset), cfg.optim.micro_batch, cfg.optim.accumulation_steps(world_size),
