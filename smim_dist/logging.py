@@ -98,7 +98,3 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -16,15 +16,14 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, index)``: loader workers keep their own copy of the dataset, and still seed each sample's
     augmentation with the right epoch. The tail that does not fill a global batch is dropped."""
 
-    def __init__(self, num_samples: int, micro_batch: int, accumulation: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True):
+    def __init__(self, num_samples: int, micro_batch: int, accumulation: int, rank: int, world_size: int, seed: int):
         self.global_batch = micro_batch * accumulation * world_size
         if num_samples < self.global_batch:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
                              f"{self.global_batch}; lower optim.global_batch or add data")
         self.num_samples, self.micro_batch, self.accumulation = num_samples, micro_batch, accumulation
         self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.epoch, self.start_batch = 0, 0
 
     @property
@@ -45,8 +44,7 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         return (self.batches_per_epoch - self.start_batch) * self.micro_batch
 
     def __iter__(self):
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples) if self.shuffle
-                 else np.arange(self.num_samples))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
         blocks = order[: self.steps_per_epoch * self.global_batch].reshape(
             self.steps_per_epoch, self.accumulation, self.world_size, self.micro_batch)
         mine = blocks[:, :, self.rank].reshape(-1)
