@@ -1,10 +1,12 @@
-"""Pre-training loader throughput: image files through a torch DataLoader vs webdataset tar shards, side by side.
+"""Pre-training loader throughput, side by side: FFCV at several storage settings, the classic PIL + torchvision
+ImageFolder DataLoader, this project's image-file loader, and webdataset shards.
 
     python bench/loader.py --images 512 --workers 2
 
-Both run the same augmentation (random resized crop to 224, flip, colour jitter) and masking on the same ImageNet-like
-JPEGs (375-500 px crops of scikit-image's photographs), with the same number of workers; the report gives images/s of
-each and their ratio. (The FFCV pipeline is not written yet; it joins this table when it is.)
+Every row runs the same augmentation (random resized crop to 224, flip, colour jitter 0.4) and masking on the same
+ImageNet-like JPEGs (375-500 px crops of scikit-image's photographs) with the same number of workers (DataLoader
+processes or FFCV threads), and delivers uint8 batches with masks, ready for the device. The report gives images/s,
+images/s per worker and the ratio to the PIL pipeline.
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision.transforms.v2 as T
 import webdataset
 from PIL import Image
 from skimage import data as photos
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
 
-from smim_dist.config import load_config
+from smim_dist.config import Config, load_config
+from smim_dist.data.convert import convert_imagefolder
 from smim_dist.data.pretrain_loader import build_pretrain_loader
+from smim_dist.masking import build_mask_generator
+from smim_dist.models.encoder import image_grid
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
@@ -56,16 +65,48 @@ def write_shards(paths: list[Path], folder: Path, count: int) -> str:
     return f"{folder}/{{0..{count - 1}}}.tar"
 
 
-def images_per_second(overrides: list[str], batches: int) -> float:
-    cfg = load_config(REPO / "configs/demo_cpu.yaml", overrides)
-    loader, positioner = build_pretrain_loader(cfg, rank=0, world_size=1)
-    positioner.set_epoch(0)
+class PILPipeline:
+    """The usual baseline: PIL decoding and torchvision's transforms in DataLoader workers, masks from numpy."""
+
+    def __init__(self, cfg: Config):
+        self.transform = T.Compose([
+            T.RandomResizedCrop(cfg.model.img_size, scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio),
+            T.RandomHorizontalFlip(cfg.data.hflip), T.ColorJitter(*(3 * [cfg.data.color_jitter])), T.PILToTensor()])
+        self.masks = build_mask_generator(cfg.mask.kind, image_grid(cfg.model.img_size, cfg.model.patch_size),
+                                          cfg.mask.ratio)
+        self.rng = np.random.default_rng()
+
+    def __call__(self, image: Image.Image):
+        return self.transform(image), torch.from_numpy(self.masks(self.rng.integers(2**63)))
+
+
+def pil_loader(cfg: Config):
+    dataset = ImageFolder(str(Path(cfg.data.path) / "train"), transform=PILPipeline(cfg))
+    return DataLoader(dataset, batch_size=cfg.optim.micro_batch, shuffle=True, num_workers=cfg.data.num_workers,
+                      drop_last=True, persistent_workers=True, prefetch_factor=4)
+
+
+def images_per_second(overrides: list[str], batches: int, pil: bool = False) -> float:
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", ["data.demo=false", *overrides])
+    if pil:
+        loader = pil_loader(cfg)
+    else:
+        loader, positioner = build_pretrain_loader(cfg, rank=0, world_size=1)
+        positioner.set_epoch(0)
     iterator = iter(loader)
-    next(iterator)
+    next(iterator)  # worker start-up, FFCV's compilation
     start, seen = time.perf_counter(), 0
     for _, batch in zip(range(batches), iterator):
-        seen += batch["images"].shape[0]
+        seen += len(batch["images"] if isinstance(batch, dict) else batch[0])
     return seen / (time.perf_counter() - start)
+
+
+FFCV_SETTINGS = {
+    "FFCV, JPEG q90, max side 512": {"max_side": 512, "compress_share": 1.0},
+    "FFCV, half JPEG / half raw, 512": {"max_side": 512, "compress_share": 0.5},
+    "FFCV, raw pixels, max side 320": {"max_side": 320, "raw": True},
+    "FFCV, raw pixels, max side 256": {"max_side": 256, "raw": True},
+}
 
 
 def main() -> None:
@@ -82,13 +123,23 @@ def main() -> None:
                   f"optim.global_batch={args.batch}", f"optim.micro_batch={args.batch}",
                   f"data.num_workers={args.workers}", "data.crop_scale=[0.08,1.0]", "data.color_jitter=0.4"]
         batches = args.images // args.batch - 2
-        folder = images_per_second([*common, "data.source=imagefolder", f"data.path={root / 'folder'}"], batches)
-        shards = images_per_second([*common, "data.source=webdataset", f"data.path={spec}",
-                                    f"data.samples_per_epoch={args.images}", "data.shuffle_buffer=64"], batches)
+        rows = {"PIL + torchvision ImageFolder": images_per_second(
+            [*common, "data.source=imagefolder", f"data.path={root / 'folder'}"], batches, pil=True)}
+        for name, settings in FFCV_SETTINGS.items():
+            beton = root / f"{len(rows)}.beton"
+            convert_imagefolder(root / "folder" / "train", beton, workers=args.workers, **settings)
+            rows[name] = images_per_second([*common, "data.source=ffcv", f"data.path={beton}"], batches)
+        rows["image files (this project, torch DataLoader)"] = images_per_second(
+            [*common, "data.source=imagefolder", f"data.path={root / 'folder'}"], batches)
+        rows["webdataset shards"] = images_per_second(
+            [*common, "data.source=webdataset", f"data.path={spec}", f"data.samples_per_epoch={args.images}",
+             "data.shuffle_buffer=64"], batches)
     print(f"{args.images} JPEGs of 375-500 px, crop 224 + flip + jitter + mask, batch {args.batch}, "
           f"{args.workers} loader workers on {platform.machine()} ({len(os.sched_getaffinity(0))} cores)")
-    print(f"  image files (torch DataLoader)  {folder:8.1f} images/s")
-    print(f"  webdataset shards               {shards:8.1f} images/s   ({shards / folder:.2f}x the files)")
+    baseline = rows["PIL + torchvision ImageFolder"]
+    for name, rate in rows.items():
+        print(f"  {name:46s} {rate:8.1f} images/s  {rate / args.workers:7.1f} per worker  "
+              f"{rate / baseline:5.2f}x PIL")
 
 
 if __name__ == "__main__":

@@ -72,10 +72,14 @@ class MaskConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "demo"
-    """demo (the embedded synthetic shapes set, generated on first use) | imagefolder (``path/train/<class>/*``,
-    the ImageNet layout) | webdataset (tar shards streamed from ``path``: brace patterns, lists, ``pipe:`` commands)"""
+    source: str = "ffcv"
+    """ffcv (a .beton written by ``smim-convert``) | imagefolder (``path/train/<class>/*``, the ImageNet layout) |
+    webdataset (tar shards streamed from ``path``: brace patterns, lists, ``pipe:`` commands)"""
     path: str = "data_cache/demo"
+    """the .beton, the ImageFolder root or the shard pattern; with ``demo``, the demo set's directory"""
+    demo: bool = True
+    """build the embedded synthetic shapes set at ``path`` on first use, in all three formats; ``source`` picks
+    which one is read. Set it false to read your own data"""
     samples_per_epoch: int = 0
     """webdataset: samples that make one epoch (a stream has no length of its own)"""
     shuffle_buffer: int = 1000
@@ -178,7 +182,7 @@ CHOICES = {
     "model.mode": ("proxy", "vanilla"),
     "target.kind": ("beit", "maskfeat", "pixels"),
     "mask.kind": ("random", "block"),
-    "data.source": ("demo", "imagefolder", "webdataset"),
+    "data.source": ("ffcv", "imagefolder", "webdataset"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -287,6 +291,20 @@ def config_from_dict(values: dict) -> Config:
     return config
 
 
+def _validate_data_path(cfg: Config) -> None:
+    """What can be checked without opening the data; the loaders check the contents before training starts."""
+    if cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
+        raise ConfigError(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
+                          "<path>/train/<class>/<image> (the ImageNet layout)")
+    if cfg.data.source == "ffcv" and not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path={cfg.data.path!r} is not a file; data.source=ffcv reads a .beton written by "
+                          "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
+    if cfg.data.source == "webdataset" and cfg.data.samples_per_epoch < cfg.optim.global_batch:
+        raise ConfigError(f"data.samples_per_epoch={cfg.data.samples_per_epoch}: a webdataset stream needs the epoch "
+                          f"size, at least one global batch ({cfg.optim.global_batch}); e.g. the number of samples in "
+                          "the shards")
+
+
 def validate(cfg: Config) -> None:
     """Combinations no single type check catches; each message names the value and what to do."""
     for key, options in CHOICES.items():
@@ -333,13 +351,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr={optim.min_lr} must be between 0 and optim.lr={optim.lr}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2, 3")
-    if cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
-        raise ConfigError(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
-                          "<path>/train/<class>/<image> (the ImageNet layout)")
-    if cfg.data.source == "webdataset" and cfg.data.samples_per_epoch < optim.global_batch:
-        raise ConfigError(f"data.samples_per_epoch={cfg.data.samples_per_epoch}: a webdataset stream needs the epoch "
-                          f"size, at least one global batch ({optim.global_batch}); e.g. the number of samples in "
-                          "the shards")
+    if not cfg.data.demo:
+        _validate_data_path(cfg)
+    elif Path(cfg.data.path).suffix in (".beton", ".tar") or "{" in cfg.data.path or Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path={cfg.data.path!r} looks like your own data, but data.demo=true would build the "
+                          "demo set there; set data.demo=false to read it")
     if cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be at least 1")
     low, high = cfg.data.crop_scale

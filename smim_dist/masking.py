@@ -4,11 +4,12 @@ A mask is a 1-D bool array over the patch grid in row-major order, True =
 masked. Every generator masks exactly ``num_masked`` patches, so a batch of
 masks is rectangular and the model can gather the visible tokens by index.
 
-The generators are numpy-only, hold no state between calls and pickle cleanly,
-so they can run per sample inside FFCV / torch DataLoader workers. All
-randomness comes from the ``np.random.Generator`` passed in; ``mask_for``
-derives it from (seed, epoch, sample index) so a sample's mask does not depend
-on how samples are spread over workers or ranks.
+The generators validate the configuration and hold no state between calls;
+the sampling itself is numba code in ``smim_dist.data.seeded``, driven by a
+per-sample key from (seed, epoch, sample index), so a sample's mask does not
+depend on how samples are spread over workers or ranks, and FFCV's compiled
+pipeline draws exactly the masks a torch DataLoader worker would
+(``draw_function`` hands it the compiled sampler).
 """
 
 from __future__ import annotations
@@ -17,18 +18,15 @@ import math
 import numbers
 
 import numpy as np
+from numba import njit
+
+from smim_dist.data.seeded import block_mask, place_blocks, random_mask, sample_key
 
 __all__ = [
     "BlockMaskGenerator",
     "RandomMaskGenerator",
     "build_mask_generator",
-    "sample_rng",
 ]
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """RNG for one sample, independent of worker layout and iteration order."""
-    return np.random.default_rng([seed, epoch, index])
 
 
 def _is_int(value) -> bool:
@@ -80,7 +78,7 @@ def _num_masked_from_ratio(mask_ratio, grid: tuple[int, int]) -> int:
 
 
 class _MaskGenerator:
-    """Shared validation and seeding; subclasses define ``__call__(rng)``."""
+    """Shared validation and seeding; subclasses define ``__call__(key)`` and ``draw_function()``."""
 
     def __init__(self, grid: tuple[int, int], num_masked: int):
         self.grid = _check_grid(grid)
@@ -89,16 +87,19 @@ class _MaskGenerator:
 
     def mask_for(self, seed: int, epoch: int, index: int) -> np.ndarray:
         """Mask of sample ``index`` in ``epoch``, reproducible on any worker."""
-        return self(sample_rng(seed, epoch, index))
+        return self(sample_key(seed, epoch, index))
 
 
 class RandomMaskGenerator(_MaskGenerator):
     """Uniformly random patches (MAE / SimMIM style)."""
 
-    def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        mask = np.zeros(self.num_patches, dtype=bool)
-        mask[rng.permutation(self.num_patches)[: self.num_masked]] = True
-        return mask
+    def __call__(self, key: np.uint64) -> np.ndarray:
+        return random_mask(np.uint64(key), self.num_patches, self.num_masked)
+
+    def draw_function(self):
+        """The sampler as a compiled ``key -> mask`` function, for calls from numba code."""
+        num_patches, num_masked = self.num_patches, self.num_masked
+        return njit(nogil=True)(lambda key: random_mask(key, num_patches, num_masked))
 
     def __repr__(self) -> str:
         return (
@@ -166,41 +167,22 @@ class BlockMaskGenerator(_MaskGenerator):
         self.max_aspect = float(max_aspect)
         self.max_failed_attempts = int(max_failed_attempts)
 
-    def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        mask, missing = self._place_blocks(rng)
-        mask = mask.ravel()
-        if missing:
-            mask[rng.choice(np.flatnonzero(~mask), size=missing, replace=False)] = True
-        return mask
+    def __call__(self, key: np.uint64) -> np.ndarray:
+        return block_mask(np.uint64(key), *self._arguments())
 
-    def _place_blocks(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def draw_function(self):
+        """The sampler as a compiled ``key -> mask`` function, for calls from numba code."""
+        arguments = self._arguments()
+        return njit(nogil=True)(lambda key: block_mask(key, *arguments))
+
+    def place_blocks(self, key: np.uint64) -> tuple[np.ndarray, int]:
         """Block phase only; returns the 2-D mask and how many patches it fell short."""
-        rows, cols = self.grid
-        lo = self.min_block_patches
-        log_lo, log_hi = math.log(self.min_aspect), math.log(self.max_aspect)
-        mask = np.zeros(self.grid, dtype=bool)
-        remaining = self.num_masked
-        failures = 0
-        while remaining and failures < self.max_failed_attempts:
-            u_area, u_aspect, u_top, u_left = rng.random(4).tolist()
-            # Once fewer than min_block_patches remain, blocks must overlap the mask.
-            hi = max(lo, min(self.max_block_patches, remaining))
-            area = lo + u_area * (hi - lo)
-            aspect = math.exp(log_lo + u_aspect * (log_hi - log_lo))
-            h = round(math.sqrt(area * aspect))
-            w = round(math.sqrt(area / aspect))
-            if h * w >= lo and h <= rows and w <= cols:
-                top = int(u_top * (rows - h + 1))
-                left = int(u_left * (cols - w + 1))
-                block = mask[top : top + h, left : left + w]
-                new = h * w - int(np.count_nonzero(block))
-                if 0 < new <= remaining:
-                    block[...] = True
-                    remaining -= new
-                    failures = 0
-                    continue
-            failures += 1
-        return mask, remaining
+        mask, missing, _ = place_blocks(np.uint64(key), *self._arguments())
+        return mask, missing
+
+    def _arguments(self) -> tuple:
+        return (*self.grid, self.num_masked, self.min_block_patches, self.max_block_patches,
+                math.log(self.min_aspect), math.log(self.max_aspect), self.max_failed_attempts)
 
     def __repr__(self) -> str:
         return (

@@ -40,12 +40,13 @@ def _should_save(cfg: Config, state: TrainState) -> bool:
 def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> TrainState:
     """Build everything for this rank and train until the configured epochs are done or a stop is requested."""
     resuming = check_run_dir(cfg)
+    if dist_info.is_main and cfg.data.demo:
+        prepare_demo_data(cfg)
+    barrier()
+    loader, sampler = build_pretrain_loader(cfg, dist_info.rank, dist_info.world_size, dist_info.device)
     if dist_info.is_main:
         create_run_dir(cfg)
-        if cfg.data.source == "demo":
-            prepare_demo_data(cfg)
     barrier()
-    loader, sampler = build_pretrain_loader(cfg, dist_info.rank, dist_info.world_size)
     target = build_target(cfg).to(dist_info.device)
     torch.manual_seed(cfg.seed)
     model = MIMModel(cfg.model, target.out_dim)

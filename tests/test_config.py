@@ -17,8 +17,8 @@ def write(path, text):
 
 
 def test_paper_configs_carry_table_2(tmp_path):
-    (tmp_path / "train").mkdir()
-    data = [f"data.path={tmp_path}"]
+    beton = write(tmp_path / "in1k_train.beton", "")
+    data = [f"data.path={beton}"]
     maskfeat = load_config(REPO / "configs/maskfeat_proxy.yaml", data)
     assert (maskfeat.model.size, maskfeat.model.mode, maskfeat.model.num_proxy) == ("base", "proxy", 8)
     assert (maskfeat.mask.kind, maskfeat.mask.ratio) == ("random", 0.6)
@@ -57,7 +57,9 @@ def test_base_chain_and_overrides(tmp_path):
     ("", ["optim.global_batch=100", "optim.micro_batch=64"], "not a multiple of optim.micro_batch=64"),
     ("", ["engine.zero_stage=4"], "engine.zero_stage=4"),
     ("", ["target.kind=beit"], "target.tokenizer_path"),
-    ("", ["data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
+    ("", ["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
+    ("", ["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),
+    ("", ["data.path=/data/in1k.beton"], "set data.demo=false to read it"),
 ])
 def test_errors_name_the_file_key_and_fix(tmp_path, text, overrides, message):
     path = write(tmp_path / "c.yaml", text)

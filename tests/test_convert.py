@@ -1,16 +1,21 @@
-"""smim-convert on a small ImageFolder tree of real photos plus the awkward files a web-scale crawl contains.
+"""smim-convert on a small ImageFolder tree of real photos plus the awkward files a web-scale crawl contains, and on
+webdataset tar shards holding the same kinds of files.
 
-Every conversion pays FFCV's import (numba compiles at import time, several seconds), so the three real conversions
-start together in one fixture and the checks share their results.
+Every conversion pays FFCV's import (numba compiles at import time, several seconds), so the three ImageFolder
+conversions start together in one fixture and the checks share their results; the webdataset conversions run in this
+process through ``main``, where the forked writer inherits FFCV already imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,8 @@ from PIL import Image
 from skimage import data
 
 from conftest import REPO
-from smim_dist.data.convert import _compressed
+from smim_dist.data.convert import _compressed, main
+from smim_dist.data.tar_index import index_tar
 
 MAX_SIDE = 256
 CLASSES = ["animals", "objects", "people"]
@@ -35,7 +41,7 @@ read = convert._Samples.__getitem__
 
 def changed_on_disk(self, index):  # as if a file were replaced by garbage between the two passes
     if index == 2:
-        self.paths[index] = __file__
+        self.sources[index] = __file__
     return read(self, index)
 
 convert._Samples.__getitem__ = changed_on_disk
@@ -79,7 +85,7 @@ def _good_files(src: Path) -> list[str]:
     return sorted(good, key=lambda rel: (rel.split("/")[0], os.path.dirname(rel), os.path.basename(rel)))
 
 
-def _reference(path: Path) -> np.ndarray:
+def _reference(path: Path | io.BytesIO) -> np.ndarray:
     """The expected stored pixels, written independently of the converter's code path."""
     with Image.open(path) as image:
         image.load()
@@ -243,3 +249,188 @@ def test_bad_input_exits_2_before_any_work(tmp_path, case, args, message):
     assert proc.returncode == 2, (case, proc.stderr)
     assert message in proc.stderr, (case, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _encode(image: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path.read_bytes()
+
+
+def _make_shards(root: Path) -> dict:
+    """Two shards in img2dataset's layout with one sample per awkward case; returns the expected good samples (name,
+    label, image bytes) in shard order and the expected skips (name -> part of the reason)."""
+    cat, coffee, astronaut = data.chelsea(), data.coffee(), data.astronaut()
+    alpha = np.zeros((96, 64), np.uint8)
+    alpha[:, 32:] = 255
+    images = {
+        "000000.jpg": _encode(cat, "JPEG", quality=95),  # 451x300: shrunk
+        "000001.png": _encode(np.dstack([astronaut[:96, 100:164], alpha]), "PNG"),  # RGBA
+        "000002.webp": _encode(data.camera()[:60, :90], "WEBP", lossless=True),  # grey in, RGB out of libwebp
+        "part/000004.JPEG": _encode(Image.fromarray(coffee[:150, :220]).convert("CMYK"), "JPEG"),
+        "000007.jpg": _encode(astronaut[200:264, 200:300], "JPEG"),
+    }
+    shards = root / "shards"
+    shards.mkdir()
+    _write_tar(shards / "00000.tar", [
+        ("000000.jpg", images["000000.jpg"]), ("000000.cls", b"3"), ("000000.txt", b"a cat"),
+        ("000001.png", images["000001.png"]), ("000001.cls", b"1\n"), ("000001.json", b"{}"),
+        ("000002.webp", images["000002.webp"]),
+        ("000003.txt", b"a caption whose image failed to download"), ("000003.json", b"{}"),
+    ])
+    _write_tar(shards / "00001.tar", [
+        ("part/000004.JPEG", images["part/000004.JPEG"]), ("part/000004.cls", b"7"),
+        ("000005.jpg", b""), ("000005.cls", b"0"),
+        ("000006.jpg", b"an HTML error page saved as an image"), ("000006.cls", b"0"),
+        ("000007.png", _encode(coffee[:40, :50], "PNG")), ("000007.jpg", images["000007.jpg"]), ("000007.cls", b"2"),
+    ])
+    first, second = shards / "00000.tar", shards / "00001.tar"
+    good = [(f"{first}:000000.jpg", 3), (f"{first}:000001.png", 1), (f"{first}:000002.webp", -1),
+            (f"{second}:part/000004.JPEG", 7), (f"{second}:000007.jpg", 2)]
+    return {
+        "spec": f"{shards}/{{00000..00001}}.tar",
+        "good": [(name, label, images[name.split(":")[1]]) for name, label in good],
+        "skipped": {f"{first}:000003": "no image member", f"{second}:000005.jpg": "empty file",
+                    f"{second}:000006.jpg": "UnidentifiedImageError"},
+    }
+
+
+def _make_cut_shard(root: Path) -> dict:
+    """A shard of eight labelled noise images cut in half inside an image, and the samples before that one."""
+    rng = np.random.default_rng(0)
+    members = []
+    for i in range(8):
+        members += [(f"{i:06d}.png", _encode(rng.integers(0, 256, (24, 24, 3), np.uint8), "PNG")),
+                    (f"{i:06d}.cls", str(i).encode())]
+    full = _write_tar(root / "full.tar", members)
+    cut = len(full) // 2
+    with tarfile.open(root / "full.tar") as tar:
+        hit = [m.name for m in tar.getmembers() if m.offset_data <= cut < m.offset_data + m.size]
+    assert hit and hit[0].endswith(".png"), f"the cut at byte {cut} should fall inside an image, not {hit}"
+    (root / "cut.tar").write_bytes(full[:cut])
+    kept = int(hit[0].split(".")[0])
+    return {"path": root / "cut.tar", "kept": kept, "lost": f"{root / 'cut.tar'}:{kept:06d}",
+            "images": [members[2 * i][1] for i in range(kept)]}
+
+
+def _main(*args) -> tuple[int, str, str]:
+    """smim-convert's main() in this process, its output captured and pytest's SIGTERM handler restored."""
+    stdout, stderr, handler = io.StringIO(), io.StringIO(), signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main([str(arg) for arg in args])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shard_runs(tmp_path_factory) -> dict:
+    """A raw conversion of the two shards, and a mixed one of a cut shard listed with the first of them."""
+    from ffcv.reader import Reader  # noqa: F401  (imported once here, inherited by each forked writer)
+
+    root = tmp_path_factory.mktemp("convert_shards")
+    shards, cut = _make_shards(root), _make_cut_shard(root)
+    common = ["--max-side", MAX_SIDE, "--workers", 2, "--chunk-size", 2]
+    runs = {"shards": shards, "cut": cut, "root": root}
+    runs["raw"] = _main("webdataset", shards["spec"], root / "raw.beton", *common, "--raw")
+    runs["mixed"] = _main("webdataset", f"{cut['path']},{root}/shards/00000.tar", root / "mixed.beton", *common)
+    for name in ("raw", "mixed"):
+        code, _, stderr = runs[name]
+        assert code == 0, stderr[-4000:]
+        runs[name + "_report"] = json.loads((root / f"{name}.beton.report.json").read_text())
+    return runs
+
+
+def test_webdataset_report_lists_skips_and_conversions(shard_runs):
+    report, shards = shard_runs["raw_report"], shard_runs["shards"]
+    assert {skip["path"] for skip in report["skipped"]} == shards["skipped"].keys()
+    for skip in report["skipped"]:
+        assert shards["skipped"][skip["path"]] in skip["reason"], skip
+    assert report["written"] == len(shards["good"]) == 5
+    assert report["converted"] == {"CMYK": 1, "RGBA": 1}
+    assert report["source"] == shards["spec"] and report["shards"] == 2 and "classes" not in report
+    assert report["compressed"] == 0 and report["settings"]["raw"]
+    assert "Wrote 5 images (0 as JPEG) from 2 shards" in shard_runs["raw"][1]
+    _no_temp_files(shard_runs["root"])
+
+
+def test_webdataset_beton_holds_the_images_labels_and_positions(shard_runs):
+    beton, good = _read_beton(shard_runs["root"] / "raw.beton"), shard_runs["shards"]["good"]
+    assert beton["field_names"] == ["image", "label", "index"]
+    assert beton["index"] == list(range(len(good)))
+    assert beton["labels"] == [label for _, label, _ in good] == [3, 1, -1, 7, 2]
+    assert [image.shape for image in beton["images"]] == [(170, 256, 3), (96, 64, 3), (60, 90, 3), (150, 220, 3),
+                                                          (64, 100, 3)]
+    for (name, _, payload), image in zip(good, beton["images"]):
+        np.testing.assert_array_equal(image, _reference(io.BytesIO(payload)), err_msg=name)
+
+
+def test_cut_shard_is_reported_and_its_intact_samples_kept(shard_runs):
+    report, cut = shard_runs["mixed_report"], shard_runs["cut"]
+    first = f"{shard_runs['root']}/shards/00000.tar"
+    reasons = {skip["path"]: skip["reason"] for skip in report["skipped"]}
+    assert reasons.keys() == {str(cut["path"]), cut["lost"], f"{first}:000003"}
+    assert reasons[str(cut["path"])] == f"ReadError: unexpected end of data; kept the {cut['kept']} samples before it"
+    assert report["written"] == cut["kept"] + 3 and report["shards"] == 2
+    beton = _read_beton(shard_runs["root"] / "mixed.beton")
+    assert beton["labels"] == [*range(cut["kept"]), 3, 1, -1]
+    assert [image.shape for image in beton["images"][:cut["kept"]]] == [(24, 24, 3)] * cut["kept"]
+    raw = [(payload, image) for payload, image, mode in zip(cut["images"], beton["images"], beton["modes"]) if mode]
+    assert raw, "the mixed file should store some of the cut shard's images raw"
+    for payload, image in raw:  # noise is what JPEG keeps worst, so only the raw ones are compared
+        np.testing.assert_array_equal(image, _reference(io.BytesIO(payload)))
+
+
+@pytest.mark.parametrize("case, spec, message", [
+    ("pipe", "pipe:curl -s https://host/{{0..3}}.tar", ["'pipe:curl -s https://host/0.tar'", "data.source=webdataset",
+                                                         "download them first"]),
+    ("url", "https://host/{{0..3}}.tar", ["'https://host/0.tar' is not a local file"]),
+    ("no match", "{root}/none/{{00000..00003}}.tar", ["4 of the 4 shards", "{root}/none/00000.tar"]),
+    ("one missing", "{root}/a.tar,{root}/b.tar", ["1 of the 2 shards", "{root}/b.tar"]),
+])
+def test_webdataset_bad_shards_exit_2_before_any_work(tmp_path, case, spec, message):
+    _write_tar(tmp_path / "a.tar", [("0.txt", b"x")])
+    code, stdout, stderr = _main("webdataset", spec.format(root=tmp_path), tmp_path / "o.beton")
+    assert code == 2 and stdout == "", (case, stderr)
+    for part in message:
+        assert part.format(root=tmp_path) in stderr, (case, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
+
+
+def test_webdataset_existing_output_is_refused_without_overwrite(tmp_path):
+    _write_tar(tmp_path / "a.tar", [("0.jpg", _encode(data.chelsea()[:32, :32], "JPEG"))])
+    target = tmp_path / "o.beton"
+    target.write_bytes(b"an older conversion")
+    before = target.stat().st_mtime_ns
+    code, _, stderr = _main("webdataset", tmp_path / "a.tar", target)
+    assert code == 2 and str(target) in stderr and "--overwrite" in stderr
+    assert (target.stat().st_mtime_ns, target.read_bytes()) == (before, b"an older conversion")
+
+
+def test_shard_cut_between_members_is_reported(tmp_path):
+    """tarfile ends quietly where a header is missing or garbled; the index must not."""
+    members = [(f"{i}.{ext}", payload) for i in range(3) for ext, payload in (("jpg", b"x" * 600), ("cls", b"5"))]
+    full = _write_tar(tmp_path / "full.tar", members)
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        boundary = tar.getmember("2.jpg").offset
+    garbled = full[:boundary] + b"?" * 512 + full[boundary + 512:]
+    for name, damaged in [("cut.tar", full[:boundary]), ("garbled.tar", garbled)]:
+        path = tmp_path / name
+        path.write_bytes(damaged)
+        samples, skipped = index_tar(str(path))
+        assert samples == [(f"{path}:0.jpg", (str(path), 512, 600), 5)]
+        assert skipped == [
+            {"path": str(path), "reason": f"ReadError: no valid header or end-of-archive block at byte {boundary}; "
+                                          "kept the 1 samples before it"},
+            {"path": f"{path}:1", "reason": "cut off by the shard's error"},
+        ]

@@ -12,7 +12,9 @@ SMALL = dict(num_train=24, num_val=12, size=64, seed=3)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, except the conversion reports, which carry their timing."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith(".report.json")}
 
 
 def _build_after(barrier, root):

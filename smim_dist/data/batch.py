@@ -1,10 +1,15 @@
-"""A loader batch on the device, normalised there: the host only ever moves uint8 pixels and int64 indices."""
+"""A loader batch on the device, normalised there: the host only ever moves uint8 pixels and int64 indices.
+
+BEiT's tokenizer reads a half-size view of the same crop; it is resized here from the uint8 crop, on the device,
+rather than produced and shipped by the loader.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from smim_dist.models.mask_index import MaskIndices
@@ -29,15 +34,16 @@ class DeviceBatch:
 class DeviceNormalizer:
     """Holds mean and std on the device once, instead of re-creating them every step."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, tokenizer_view: bool = False):
+        self.device, self.tokenizer_view = device, tokenizer_view
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def __call__(self, raw: dict[str, Tensor]) -> DeviceBatch:
-        images = raw["images"].to(self.device, non_blocking=True).float()
-        views = raw.get("tokenizer_views")
-        return DeviceBatch(
-            images=(images - self.mean) / self.std,
-            mask=MaskIndices(raw["visible"], raw["masked"]).to(self.device),
-            tokenizer_views=None if views is None else views.to(self.device, non_blocking=True).float() / 255.0)
+        pixels = raw["images"].to(self.device, non_blocking=True).float()
+        views = None
+        if self.tokenizer_view:
+            half = [pixels.shape[-2] // 2, pixels.shape[-1] // 2]
+            views = F.interpolate(pixels / 255.0, size=half, mode="bicubic", antialias=True).clamp_(0.0, 1.0)
+        return DeviceBatch(images=(pixels - self.mean) / self.std,
+                           mask=MaskIndices(raw["visible"], raw["masked"]).to(self.device), tokenizer_views=views)

@@ -1,19 +1,23 @@
-"""``smim-convert``: an ImageFolder tree (ImageNet's train/ or val/) -> one FFCV .beton file plus a JSON report.
+"""``smim-convert``: an ImageFolder tree (ImageNet's train/ or val/) or local webdataset tar shards -> one FFCV
+.beton file plus a JSON report.
 
     smim-convert imagefolder /data/imagenet/train /data/ffcv/in1k_train.beton --max-side 512 --compress-share 0.5
+    smim-convert webdataset '/data/laion/{00000..00099}.tar' /data/ffcv/laion.beton --max-side 512
 
 Two passes, because FFCV's writer fixes the sample count before it encodes anything and cannot skip a sample: a
-parallel pass fully decodes every candidate file to find the broken ones, then FFCV's writer encodes only the good ones
-(decoding them again). Labels number the sorted class folders, as torchvision's ImageFolder does; the ``index`` field is
-the sample's position in the file, so augmentation can be seeded from (seed, epoch, index). EXIF orientation is not
-applied, also as in torchvision. The .beton appears under its name only when complete; ``OUT.report.json`` beside it
-lists every skipped file with the reason and counts the images converted to RGB.
+parallel pass fully decodes every candidate image to find the broken ones, then FFCV's writer encodes only the good
+ones (decoding them again). ImageFolder labels number the sorted class folders, as torchvision's ImageFolder does;
+webdataset labels are the integer in a sample's ``.cls`` member, -1 without one. The ``index`` field is the sample's
+position in the file, so augmentation can be seeded from (seed, epoch, index). EXIF orientation is not applied, also as
+in torchvision. The .beton appears under its name only when complete; ``OUT.report.json`` beside it lists every skipped
+file, sample or shard with the reason and counts the images converted to RGB.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import multiprocessing
@@ -28,10 +32,12 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-__all__ = ["EXTENSIONS", "UsageError", "convert_imagefolder", "main"]
+from smim_dist.data.tar_index import Member, index_tar, read_member
+
+__all__ = ["EXTENSIONS", "UsageError", "convert_imagefolder", "convert_webdataset", "main"]
 
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 MAX_SIDE_LIMIT = 16384
@@ -71,22 +77,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(path: str) -> tuple[Image.Image, str]:
+def _read(source: str | Member) -> bytes:
+    return Path(source).read_bytes() if isinstance(source, str) else read_member(source)
+
+
+def _decode(data: bytes) -> tuple[Image.Image, str]:
     """The fully decoded RGB image and its original mode; raises on anything unreadable."""
     with warnings.catch_warnings():  # EXIF and palette warnings would garble the progress bar
         warnings.simplefilter("ignore")
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             return _to_rgb(image), image.mode
 
 
-def _probe(path: str) -> tuple[str | None, str, int, int]:
-    """(None, mode, width, height) for a usable file, (reason, "", 0, 0) for one to skip; never raises."""
+def _probe(source: str | Member) -> tuple[str | None, str, int, int]:
+    """(None, mode, width, height) for a usable image, (reason, "", 0, 0) for one to skip; never raises."""
     try:
-        if os.path.getsize(path) == 0:
+        data = _read(source)
+        if not data:
             return "empty file", "", 0, 0
-        image, mode = _decode(path)
+        image, mode = _decode(data)
         return None, mode, *image.size
+    except UnidentifiedImageError:  # PIL's message names the BytesIO object, the report already names the file
+        return "UnidentifiedImageError: cannot identify image file", "", 0, 0
     except Exception as err:
         return f"{type(err).__name__}: {err}", "", 0, 0
 
@@ -110,20 +123,19 @@ class _Samples:
     """The dataset FFCV's writer indexes. ``field`` is the writer's own image field (the same object in each forked
     worker), switched between raw and JPEG per sample just before FFCV encodes it."""
 
-    def __init__(self, src: Path, files: list[tuple[str, int]], max_side: int, share: float):
-        self.paths = [str(src / rel) for rel, _ in files]
-        self.labels = [label for _, label in files]
+    def __init__(self, samples: list[tuple[str, str | Member, int]], max_side: int, share: float):
+        self.names, self.sources, self.labels = (list(column) for column in zip(*samples))
         self.max_side, self.share = max_side, share
         self.field = self.failed = None  # set in the writing process, which alone imports FFCV
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         try:
-            image, _ = _decode(self.paths[index])
+            image, _ = _decode(_read(self.sources[index]))
         except Exception as err:
-            print(f"smim-convert: {self.paths[index]} decoded in the first pass but not now ({err!r}); did it change?",
+            print(f"smim-convert: {self.names[index]} decoded in the first pass but not now ({err!r}); did it change?",
                   file=sys.stderr, flush=True)
             self.failed.value = 1
             raise
@@ -187,14 +199,18 @@ def _write_in_group(tmp: Path, samples: _Samples, jpeg_quality: int, page_size: 
         raise RuntimeError(f"writing {tmp} failed (writer exit code {host.exitcode}); see the messages above")
 
 
-def _check(src: Path, out: Path, max_side, jpeg_quality, compress_share, chunk_size, workers, overwrite) -> None:
+def _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite) -> tuple[Path, dict]:
+    """The resolved output path and the report's settings, refusing bad ones before any work. ``workers`` defaults to
+    the CPUs this process may use, which respects cluster CPU limits where ``os.cpu_count`` would not."""
+    out = Path(out).resolve()
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    share = 0.0 if raw else compress_share
     if not isinstance(max_side, int) or not 16 <= max_side <= MAX_SIDE_LIMIT:
         raise UsageError(f"max_side must be an integer in 16..{MAX_SIDE_LIMIT}, got {max_side!r}")
     if not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
         raise UsageError(f"jpeg_quality must be an integer in 1..100, got {jpeg_quality!r}")
-    if not isinstance(compress_share, (int, float)) or not 0 <= compress_share <= 1:
-        raise UsageError(f"compress_share must be in [0, 1] (the fraction of images stored as JPEG), "
-                         f"got {compress_share!r}")
+    if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise UsageError(f"compress_share must be in [0, 1] (the fraction of images stored as JPEG), got {share!r}")
     for name, value in (("chunk_size", chunk_size), ("workers", workers)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -206,50 +222,43 @@ def _check(src: Path, out: Path, max_side, jpeg_quality, compress_share, chunk_s
         raise UsageError(f"output {out} is a directory; name a .beton file")
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if not src.is_dir():
-        raise UsageError(f"source {src} is not a directory; expected an ImageFolder tree SRC/<class>/<image>")
+    return out, {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_share": share, "raw": raw,
+                 "chunk_size": chunk_size, "workers": workers}
 
 
-def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, compress_share: float = 0.5,
-                        raw: bool = False, chunk_size: int = 100, workers: int | None = None,
-                        overwrite: bool = False) -> dict:
-    """Convert the ImageFolder tree ``src`` to the FFCV file ``out``; return the report, also written to
-    ``out.report.json``. ``raw`` stores every image uncompressed (``compress_share`` 0); ``workers`` defaults to the
-    CPUs this process may use, which respects cluster CPU limits where ``os.cpu_count`` would not."""
-    start = time.perf_counter()
-    src, out = Path(src).resolve(), Path(out).resolve()
-    workers = len(os.sched_getaffinity(0)) if workers is None else workers
-    share = 0.0 if raw else compress_share
-    _check(src, out, max_side, jpeg_quality, share, chunk_size, workers, overwrite)
-    classes, files = _scan(src)
-    if not classes:
-        raise UsageError(f"{src} has no class folders; expected an ImageFolder tree SRC/<class>/<image>")
-    if not files:
-        raise UsageError(f"{src} has class folders but no image files in them (extensions "
-                         f"{', '.join(sorted(EXTENSIONS))}); expected SRC/<class>/<image>")
-
-    # An executor, not a Pool: a Pool waits forever for the files of a worker that was killed (for memory, say).
+def _map(function, items: list, workers: int, chunk_size: int, desc: str, unit: str) -> list:
+    """``function`` over ``items`` in forked workers, in order, with a progress bar. An executor, not a Pool: a Pool
+    waits forever for the results of a worker that was killed (for memory, say)."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
-        probes = pool.map(_probe, [str(src / rel) for rel, _ in files], chunksize=chunk_size)
-        probes = list(tqdm(probes, total=len(files), desc="checking", unit="img", file=sys.stderr))
+        return list(tqdm(pool.map(function, items, chunksize=chunk_size), total=len(items), desc=desc,
+                         unit=unit, file=sys.stderr))
     except BrokenProcessPool:
-        raise RuntimeError(f"a worker checking the files of {src} died (killed for memory? a crashing decoder?); "
-                           "nothing was written; try fewer --workers") from None
+        raise RuntimeError(f"a worker died while {desc} (killed for memory? a crashing decoder?); nothing was "
+                           "written; try fewer --workers") from None
     finally:
-        pool.shutdown(cancel_futures=True)  # on Ctrl-C or SIGTERM, do not finish the queued files first
-    good, skipped, converted, largest = [], [], {}, 0
-    for (rel, label), (reason, mode, width, height) in zip(files, probes):
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C or SIGTERM, do not finish the queued items first
+
+
+def _convert(source: str, samples: list[tuple[str, str | Member, int]], skipped: list[dict],
+             out: Path, settings: dict, layout: dict, start: float) -> dict:
+    """Probe ``samples`` (name, source, label), write the usable ones to ``out`` and the report beside it.
+    ``skipped`` holds what the layout refused before decoding, ``layout`` the report's fields of that layout."""
+    max_side, share = settings["max_side"], settings["compress_share"]
+    probes = _map(_probe, [sample[1] for sample in samples], settings["workers"], settings["chunk_size"], "checking",
+                  "img")
+    good, converted, largest = [], {}, 0
+    for sample, (reason, mode, width, height) in zip(samples, probes):
         if reason:
-            skipped.append({"path": rel, "reason": reason})
+            skipped.append({"path": sample[0], "reason": reason})
             continue
-        good.append((rel, label))
+        good.append(sample)
         if mode != "RGB":
             converted[mode] = converted.get(mode, 0) + 1
         largest = max(largest, math.prod(_fitted(width, height, max_side)))
     if not good:
-        raise RuntimeError(f"no image in {src} could be decoded ({len(skipped)} skipped); the first: "
-                           f"{skipped[0]['path']}: {skipped[0]['reason']}")
+        first = f"; the first: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+        raise RuntimeError(f"no image in {source} could be decoded ({len(skipped)} skipped){first}")
 
     page_size = _PAGE
     while page_size < 6 * largest + (1 << 20):  # raw needs 3 bytes a pixel; the margin is for JPEG beating it
@@ -258,13 +267,13 @@ def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, c
     tmp_report = out.parent / f".{out.name}.report.json.tmp-{os.getpid()}"
     report_path = out.parent / f"{out.name}.report.json"
     try:
-        _write_in_group(tmp, _Samples(src, good, max_side, share), jpeg_quality, page_size, workers, chunk_size)
+        _write_in_group(tmp, _Samples(good, max_side, share), settings["jpeg_quality"], page_size,
+                        settings["workers"], settings["chunk_size"])
         report = {
-            "source": str(src), "output": str(out), "written": len(good),
+            "source": source, "output": str(out), "written": len(good),
             "compressed": int(np.count_nonzero(_compressed(np.arange(len(good)), share))),
-            "skipped": skipped, "converted": dict(sorted(converted.items())), "classes": classes,
-            "settings": {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_share": share, "raw": raw,
-                         "chunk_size": chunk_size, "workers": workers, "page_size": page_size},
+            "skipped": skipped, "converted": dict(sorted(converted.items())), **layout,
+            "settings": {**settings, "page_size": page_size},
             "bytes": tmp.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
         }
         tmp_report.write_text(json.dumps(report, indent=1) + "\n")
@@ -276,13 +285,84 @@ def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, c
     return report
 
 
+def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, compress_share: float = 0.5,
+                        raw: bool = False, chunk_size: int = 100, workers: int | None = None,
+                        overwrite: bool = False) -> dict:
+    """Convert the ImageFolder tree ``src`` to the FFCV file ``out``; return the report, also written to
+    ``out.report.json``. ``raw`` stores every image uncompressed (``compress_share`` 0)."""
+    start = time.perf_counter()
+    out, settings = _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
+    src = Path(src).resolve()
+    if not src.is_dir():
+        raise UsageError(f"source {src} is not a directory; expected an ImageFolder tree SRC/<class>/<image>")
+    classes, files = _scan(src)
+    if not classes:
+        raise UsageError(f"{src} has no class folders; expected an ImageFolder tree SRC/<class>/<image>")
+    if not files:
+        raise UsageError(f"{src} has class folders but no image files in them (extensions "
+                         f"{', '.join(sorted(EXTENSIONS))}); expected SRC/<class>/<image>")
+    samples = [(rel, str(src / rel), label) for rel, label in files]
+    return _convert(str(src), samples, [], out, settings, {"classes": classes}, start)
+
+
+def _local_shards(spec: str) -> list[str]:
+    """The shard paths of ``spec``, refusing what cannot be read at an offset: pipe: commands, URLs, missing files."""
+    from smim_dist.data.shards import expand_shards  # imports torch, which imagefolder conversions need not wait for
+
+    try:
+        shards = expand_shards(spec)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for shard in shards:
+        if shard.startswith("pipe:") or "://" in shard:
+            raise UsageError(f"shard {shard!r} is not a local file; converting seeks into each tar, so only local "
+                             "uncompressed tars work: stream pipe: sources directly with data.source=webdataset, or "
+                             "download them first")
+    missing = [shard for shard in shards if not Path(shard).is_file()]
+    if missing:
+        raise UsageError(f"{len(missing)} of the {len(shards)} shards of {spec!r} are not files, e.g. {missing[0]!r}")
+    return shards
+
+
+def convert_webdataset(shards: str, out, max_side: int = 512, jpeg_quality: int = 90, compress_share: float = 0.5,
+                       raw: bool = False, chunk_size: int = 100, workers: int | None = None,
+                       overwrite: bool = False) -> dict:
+    """Convert local, uncompressed webdataset tar shards in img2dataset's layout (``shards``: a brace pattern, a
+    comma-separated list or one path) to the FFCV file ``out``, as ``convert_imagefolder`` does. A sample's image is
+    its first .jpg, .jpeg, .png or .webp member (extensions in any case), its label the integer in its .cls member or
+    -1 without one; .txt and .json members are ignored. A damaged shard is reported, and its samples before the damage
+    converted."""
+    start = time.perf_counter()
+    out, settings = _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
+    paths = _local_shards(shards)
+    indexed = _map(index_tar, paths, settings["workers"], 1, "indexing", "shard")
+    samples = [sample for found, _ in indexed for sample in found]
+    skipped = [skip for _, skips in indexed for skip in skips]
+    return _convert(shards, samples, skipped, out, settings, {"shards": len(paths)}, start)
+
+
 def _summary(report: dict) -> str:
     converted = ", ".join(f"{n} {mode}" for mode, n in report["converted"].items()) or "none"
     seconds = report["seconds"]
-    return (f"Wrote {report['written']} images ({report['compressed']} as JPEG) of {len(report['classes'])} classes "
-            f"from {report['source']} to {report['output']} ({report['bytes'] / 2**20:.1f} MiB) in {seconds:.1f} s "
-            f"({report['written'] / max(seconds, 1e-9):.1f} images/s); skipped {len(report['skipped'])} unreadable "
-            f"files; converted to RGB: {converted}. Report: {report['output']}.report.json")
+    origin = (f"of {len(report['classes'])} classes from {report['source']}" if "classes" in report
+              else f"from {report['shards']} shards {report['source']}")
+    return (f"Wrote {report['written']} images ({report['compressed']} as JPEG) {origin} to {report['output']} "
+            f"({report['bytes'] / 2**20:.1f} MiB) in {seconds:.1f} s ({report['written'] / max(seconds, 1e-9):.1f} "
+            f"images/s); skipped {len(report['skipped'])} unusable {'files' if 'classes' in report else 'entries'}; "
+            f"converted to RGB: {converted}. Report: {report['output']}.report.json")
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="the .beton to write; its directory must exist")
+    parser.add_argument("--max-side", type=int, default=512, help="shrink images to this longest side (default 512)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--compress-share", type=float, default=0.5,
+                       help="fraction of images stored as JPEG, the rest raw (default 0.5)")
+    store.add_argument("--raw", action="store_true", help="store every image as raw pixels")
+    parser.add_argument("--chunk-size", type=int, default=100, help="images per work unit (default 100)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: the usable CPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,23 +370,20 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="layout", required=True)
     folder = sub.add_parser("imagefolder", help="SRC/<class>/<image>, labels by sorted class name")
-    folder.add_argument("src", type=Path, help="the ImageFolder root, e.g. imagenet/train")
-    folder.add_argument("out", type=Path, help="the .beton to write; its directory must exist")
-    folder.add_argument("--max-side", type=int, default=512, help="shrink images to this longest side (default 512)")
-    folder.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
-    store = folder.add_mutually_exclusive_group()
-    store.add_argument("--compress-share", type=float, default=0.5,
-                       help="fraction of images stored as JPEG, the rest raw (default 0.5)")
-    store.add_argument("--raw", action="store_true", help="store every image as raw pixels")
-    folder.add_argument("--chunk-size", type=int, default=100, help="images per work unit (default 100)")
-    folder.add_argument("--workers", type=int, default=None, help="processes (default: the usable CPUs)")
-    folder.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    folder.add_argument("source", metavar="src", type=Path, help="the ImageFolder root, e.g. imagenet/train")
+    _add_options(folder)
+    shards = sub.add_parser("webdataset", help="local img2dataset tar shards, labels from .cls members (else -1)")
+    shards.add_argument("source", metavar="shards",
+                        help="a brace pattern ('/data/laion/{00000..00099}.tar', quoted), a comma-separated list or "
+                             "one path")
+    _add_options(shards)
     args = parser.parse_args(argv)
+    convert = convert_imagefolder if args.layout == "imagefolder" else convert_webdataset
     # SLURM preempts with SIGTERM: turn it into an exception so the temporary file is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        report = convert_imagefolder(args.src, args.out, args.max_side, args.jpeg_quality, args.compress_share,
-                                     args.raw, args.chunk_size, args.workers, args.overwrite)
+        report = convert(args.source, args.out, args.max_side, args.jpeg_quality, args.compress_share, args.raw,
+                         args.chunk_size, args.workers, args.overwrite)
     except UsageError as err:
         print(f"smim-convert: error: {err}", file=sys.stderr)
         return 2

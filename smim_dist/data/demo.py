@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import webdataset
 from PIL import Image, ImageDraw
+
+from smim_dist.data.convert import convert_imagefolder
 
 __all__ = ["CLASS_NAMES", "ensure_demo_dataset", "load_manifest", "render_sample"]
 
@@ -31,9 +34,12 @@ CLASS_NAMES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "tr
 """Alphabetical, because ImageFolder numbers classes by sorted folder name: index here == ImageFolder's target."""
 
 SPLITS = {"train": 0, "val": 1}
-VERSION = 1
+VERSION = 2
 """Bump whenever rendering changes, so an old cache is refused instead of silently mixed with new images."""
 MANIFEST = "manifest.json"
+NUM_SHARDS = 8
+SHARD_PATTERN = "shards/train-{000000..000007}.tar"
+"""the training split as webdataset shards, relative to the root"""
 
 _SUPERSAMPLE = 4
 _TRIES = 8
@@ -275,7 +281,24 @@ def _build(build: Path, params: dict, workers: int) -> None:
     for (_, _, split, index, _), label in zip(jobs, labels):
         image_path, mask_path = _paths(split, index, label)
         manifest[split].append({"image": image_path, "mask": mask_path, "label": label})
+    _write_formats(build, manifest)
     (build / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _write_formats(build: Path, manifest: dict) -> None:
+    """The same images as FFCV files and as webdataset shards, so every data.source can read the demo set. The
+    .beton's sample i is ImageFolder's sample i, so FFCV and the image-file loader crop the same image for an index."""
+    for split in SPLITS:
+        convert_imagefolder(build / split, build / f"{split}.beton", max_side=manifest["size"], compress_share=1.0,
+                            workers=1)
+    (build / "shards").mkdir()
+    train = manifest["train"]
+    per_shard = math.ceil(len(train) / NUM_SHARDS)
+    for shard in range(NUM_SHARDS):
+        with webdataset.TarWriter(str(build / "shards" / f"train-{shard:06d}.tar"), mtime=0) as sink:
+            for index in range(shard * per_shard, min(len(train), (shard + 1) * per_shard)):
+                sink.write({"__key__": f"{index:06d}", "png": (build / train[index]["image"]).read_bytes(),
+                            "cls": train[index]["label"]})
 
 
 def ensure_demo_dataset(
@@ -283,8 +306,8 @@ def ensure_demo_dataset(
 ) -> Path:
     """Build the demo dataset at ``root`` unless it is already there with these parameters; return ``root``.
 
-    Layout: ``root/{train,val}/<class>/<index>.png`` (ImageFolder), ``root/masks/<split>/<index>.png`` and
-    ``root/manifest.json``. The tree is built in a private sibling directory and renamed onto ``root`` in one step, so
+    Layout: ``root/{train,val}/<class>/<index>.png`` (ImageFolder), ``root/{train,val}.beton`` (FFCV),
+    ``root/shards/train-*.tar`` (webdataset), ``root/masks/<split>/<index>.png`` and ``root/manifest.json``. The tree is built in a private sibling directory and renamed onto ``root`` in one step, so
     concurrent callers (DDP ranks on one machine) never see a partial tree: the first rename wins, later ones discard
     their copy, which is identical. An empty ``root`` directory counts as absent; anything else is never deleted.
     Each split needs at least one image per class, because ImageFolder refuses an empty class folder.

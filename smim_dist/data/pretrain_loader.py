@@ -1,8 +1,10 @@
-"""Pre-training loader over image files (the embedded demo set or an ImageFolder tree), with per-sample augmentation
-and masking in the worker processes."""
+"""The pre-training loader a config asks for: FFCV (the default), image files in torch DataLoader workers, or
+streamed webdataset shards; all three crop, flip, jitter and mask a sample identically for a given (seed, epoch,
+index) and start at any micro-batch of an epoch."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -10,9 +12,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from smim_dist.config import Config
+from smim_dist.config import Config, ConfigError
 from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samples
-from smim_dist.data.demo import ensure_demo_dataset, load_manifest
+from smim_dist.data.demo import SHARD_PATTERN, ensure_demo_dataset
+from smim_dist.data.ffcv_loader import FFCVPretrainLoader
 from smim_dist.data.sampler import ResumableDistributedSampler
 from smim_dist.data.shards import ShardEpochs
 
@@ -52,19 +55,33 @@ def prepare_demo_data(cfg: Config) -> Path:
                                size=DEMO_IMAGE_SIZE, seed=0)
 
 
-def training_files(cfg: Config) -> tuple[Path, list[str]]:
+def resolve_data(cfg: Config) -> Config:
+    """With ``data.demo``, point ``data.path`` at the demo set's rendering that ``data.source`` reads."""
+    if not cfg.data.demo:
+        return cfg
     root = Path(cfg.data.path)
-    if cfg.data.source == "demo":
-        return root, [entry["image"] for entry in load_manifest(root)["train"]]
-    train = root / "train"
+    path = {"ffcv": root / "train.beton", "imagefolder": root, "webdataset": root / SHARD_PATTERN}[cfg.data.source]
+    data = dataclasses.replace(cfg.data, path=str(path), samples_per_epoch=cfg.data.demo_images)
+    return dataclasses.replace(cfg, data=data)
+
+
+def training_files(cfg: Config) -> tuple[Path, list[str]]:
+    train = Path(cfg.data.path) / "train"
     classes, class_to_idx = find_classes(str(train))
-    samples = make_dataset(str(train), class_to_idx, extensions=IMG_EXTENSIONS)
+    samples = make_dataset(str(train), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise ConfigError(f"{train} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
     return train, [str(Path(path).relative_to(train)) for path, _ in samples]
 
 
-def build_pretrain_loader(cfg: Config, rank: int, world_size: int):
+def build_pretrain_loader(cfg: Config, rank: int, world_size: int, device: torch.device | None = None):
     """The loader to iterate and the object that positions it (``set_epoch(epoch, start_batch)``,
-    ``steps_per_epoch``); for a shard stream both are the same object."""
+    ``steps_per_epoch``); for FFCV and shard streams both are the same object. ``device``: FFCV moves batches to a
+    GPU in its own CUDA stream."""
+    cfg = resolve_data(cfg)
+    if cfg.data.source == "ffcv":
+        loader = FFCVPretrainLoader(cfg, rank, world_size, device)
+        return loader, loader
     if cfg.data.source == "webdataset":
         stream = ShardEpochs(cfg, rank, world_size)
         return stream, stream

@@ -43,9 +43,12 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.micro_batch
 
-    def __iter__(self):
+    def rank_indices(self) -> np.ndarray:
+        """The sample indices this rank reads in the current epoch from ``start_batch`` on, in order."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
         blocks = order[: self.steps_per_epoch * self.global_batch].reshape(
             self.steps_per_epoch, self.accumulation, self.world_size, self.micro_batch)
-        mine = blocks[:, :, self.rank].reshape(-1)
-        return iter((self.epoch, index) for index in mine[self.start_batch * self.micro_batch:].tolist())
+        return blocks[:, :, self.rank].reshape(-1)[self.start_batch * self.micro_batch:]
+
+    def __iter__(self):
+        return iter((self.epoch, index) for index in self.rank_indices().tolist())

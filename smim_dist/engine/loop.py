@@ -57,7 +57,7 @@ class EpochRunner:
                  steps_per_epoch: int):
         self.cfg, self.engine, self.target, self.logger = cfg, engine, target, logger
         self.device = device
-        self.normalize = DeviceNormalizer(device)
+        self.normalize = DeviceNormalizer(device, tokenizer_view=target.needs_tokenizer_view)
         self.accumulation = engine.gradient_accumulation_steps()
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() \
             else torch.float32

@@ -1,0 +1,144 @@
+"""FFCV operations for pre-training: a decoder that crops, resizes, flips and colour-jitters each image, and a
+transform that draws each sample's patch mask, both inside FFCV's compiled, multi-threaded pipeline.
+
+FFCV's own random decoders draw from numba's per-thread RNG, so a crop depends on which thread decoded it and
+cannot be reproduced after a restart. These draw from ``smim_dist.data.seeded`` with a key made of (seed, epoch,
+sample index). FFCV gives a decoder the batch's sample indices but not the epoch, so each batch reads the epoch once
+from an ``EpochClock`` through numba's object mode (a few microseconds per batch, outside the per-sample loop).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from numba import njit, objmode
+from numba.core.errors import NumbaWarning
+
+from smim_dist.data.seeded import crop_box, flips, jitter_factors, sample_key, split_mask
+
+warnings.filterwarnings("ignore", message="Code running in object mode won't allow parallel", category=NumbaWarning)
+
+
+@dataclass
+class EpochClock:
+    """The epoch the compiled operations key their draws with; set it only while no epoch is being loaded."""
+
+    epoch: int = 0
+
+
+@njit(cache=True, nogil=True)
+def flip_in_place(image: np.ndarray) -> None:
+    width = image.shape[1]
+    for row in range(image.shape[0]):
+        for col in range(width // 2):
+            for channel in range(3):
+                left = image[row, col, channel]
+                image[row, col, channel] = image[row, width - 1 - col, channel]
+                image[row, width - 1 - col, channel] = left
+
+
+@njit(cache=True, nogil=True)
+def jitter_in_place(image: np.ndarray, brightness: float, contrast: float, saturation: float) -> None:
+    """torchvision's ``adjust_brightness``, ``adjust_contrast`` and ``adjust_saturation`` in that order, each
+    clamped to [0, 255] and truncated to uint8 as torchvision does for uint8 images."""
+    pixels = image.reshape(-1, 3)
+    grey_sum = 0.0
+    for p in range(pixels.shape[0]):
+        for c in range(3):
+            pixels[p, c] = np.uint8(min(255.0, pixels[p, c] * brightness))
+        grey_sum += 0.2989 * pixels[p, 0] + 0.587 * pixels[p, 1] + 0.114 * pixels[p, 2]
+    mean = grey_sum / pixels.shape[0]
+    for p in range(pixels.shape[0]):
+        for c in range(3):
+            pixels[p, c] = np.uint8(min(255.0, max(0.0, contrast * pixels[p, c] + (1.0 - contrast) * mean)))
+        grey = 0.2989 * pixels[p, 0] + 0.587 * pixels[p, 1] + 0.114 * pixels[p, 2]
+        for c in range(3):
+            pixels[p, c] = np.uint8(min(255.0, max(0.0, saturation * pixels[p, c] + (1.0 - saturation) * grey)))
+
+
+class SeededCropDecoder(Operation):
+    """Decode an ``RGBImageField`` (JPEG or raw) straight into a ``size`` x ``size`` random resized crop, then flip
+    and jitter it: the crop box, flip and factors are those ``PretrainTransform`` draws for the same sample."""
+
+    def __init__(self, size: int, seed: int, clock: EpochClock, scale: tuple[float, float],
+                 ratio: tuple[float, float], hflip: float, color_jitter: float):
+        super().__init__()
+        self.size, self.seed, self.clock = size, seed, clock
+        self.scale, self.ratio, self.hflip, self.color_jitter = scale, ratio, hflip, color_jitter
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        largest = int(self.metadata["width"].astype(np.uint64).max() * self.metadata["height"].astype(np.uint64).max())
+        shape = (self.size, self.size, 3)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")),
+                (AllocationQuery(shape, np.dtype("u1")), AllocationQuery((3 * largest,), np.dtype("u1"))))
+
+    def generate_code(self):
+        mem_read, clock, seed = self.memory_read, self.clock, self.seed
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        jpeg, parallel_range = IMAGE_MODES["jpg"], Compiler.get_iterator()
+        (scale_lo, scale_hi), (ratio_lo, ratio_hi) = self.scale, self.ratio
+        hflip, strength = self.hflip, self.color_jitter
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, scratch = storage
+            with objmode(epoch="int64"):
+                epoch = clock.epoch
+            for slot in parallel_range(len(batch_indices)):
+                sample = batch_indices[slot]
+                key = sample_key(seed, epoch, sample)
+                field = metadata[sample]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpeg:
+                    pixels = scratch[slot][: 3 * height * width]
+                    imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = pixels.reshape(height, width, 3)
+                else:
+                    image = data.reshape(height, width, 3)
+                top, left, h, w = crop_box(key, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
+                resize_crop_c(image, top, top + h, left, left + w, destination[slot])
+                if flips(key, hflip):
+                    flip_in_place(destination[slot])
+                if strength > 0:
+                    brightness, contrast, saturation = jitter_factors(key, strength)
+                    jitter_in_place(destination[slot], brightness, contrast, saturation)
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class SeededPatchMasks(Operation):
+    """From a batch of sample indices (the ``index`` field) to each sample's mask as one int64 row: the visible patch
+    indices, then the masked ones, both ascending, so the loader splits them into ``MaskIndices`` by slicing."""
+
+    def __init__(self, generator, seed: int, clock: EpochClock):
+        super().__init__()
+        self.generator, self.seed, self.clock = generator, seed, clock
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        shape = (self.generator.num_patches,)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("i8")),
+                AllocationQuery(shape, np.dtype("i8")))
+
+    def generate_code(self):
+        draw, clock, seed = self.generator.draw_function(), self.clock, self.seed
+        parallel_range = Compiler.get_iterator()
+
+        def masks(indices, destination):
+            with objmode(epoch="int64"):
+                epoch = clock.epoch
+            for slot in parallel_range(indices.shape[0]):
+                split_mask(draw(sample_key(seed, epoch, indices[slot, 0])), destination[slot])
+            return destination[: indices.shape[0]]
+
+        masks.is_parallel = True
+        return masks

@@ -1,0 +1,63 @@
+"""Random access into local, uncompressed webdataset tar shards (img2dataset's layout) for ``smim-convert``: one
+pass over a shard's headers records where each member's bytes lie, so any sample can later be read with one seek,
+in any order and from any process, without unpacking the shard."""
+
+from __future__ import annotations
+
+import tarfile
+
+__all__ = ["IMAGE_EXTENSIONS", "Member", "index_tar", "read_member"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""image members of a sample, first match wins, as ``smim_dist.data.shards`` reads them"""
+
+Member = tuple[str, int, int]
+"""(tar path, offset of the member's data, its size)"""
+
+
+def read_member(member: Member) -> bytes:
+    path, offset, size = member
+    with open(path, "rb") as file:
+        file.seek(offset)
+        data = file.read(size)
+    if len(data) != size:
+        raise EOFError(f"{path} ends {size - len(data)} bytes into this member; was it truncated?")
+    return data
+
+
+def index_tar(path: str) -> tuple[list[tuple[str, Member, int]], list[dict]]:
+    """A shard's samples as (name "shard:member", image member, label), and its skips as report entries.
+
+    Members sharing a key (the name up to the first dot of the basename, as webdataset splits it) form a sample; its
+    label is the integer in its .cls member, -1 without one; .txt and .json captions and metadata are not read. A
+    shard that breaks off keeps the samples before the break, less the one it cuts into, which may have lost members
+    such as its .cls.
+    """
+    samples, skipped, groups = [], [], {}
+    try:
+        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
+            for info in tar:
+                directory, slash, base = info.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if info.isreg() and dot:
+                    groups.setdefault(directory + slash + stem, {}).setdefault(ext.lower(), info)
+            file.seek(tar.offset)  # tarfile ends quietly at a cut or garbled header: demand the end-of-archive block
+            if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.ReadError(f"no valid header or end-of-archive block at byte {tar.offset}")
+    except (tarfile.TarError, OSError) as err:
+        lost = [groups.popitem()[0]] if groups else []
+        skipped.append({"path": path, "reason": f"{type(err).__name__}: {err}; kept the {len(groups)} samples "
+                                                "before it"})
+        skipped += [{"path": f"{path}:{key}", "reason": "cut off by the shard's error"} for key in lost]
+    for key, infos in groups.items():
+        image = next((infos[ext] for ext in IMAGE_EXTENSIONS if ext in infos), None)
+        if image is None:
+            skipped.append({"path": f"{path}:{key}", "reason": "no image member"})
+            continue
+        try:
+            label = int(read_member((path, infos["cls"].offset_data, infos["cls"].size))) if "cls" in infos else -1
+        except (ValueError, EOFError) as err:
+            skipped.append({"path": f"{path}:{infos['cls'].name}", "reason": f"{type(err).__name__}: {err}"})
+            continue
+        samples.append((f"{path}:{image.name}", (path, image.offset_data, image.size), label))
+    return samples, skipped
