@@ -97,7 +97,7 @@ def images_per_second(overrides: list[str], batches: int, pil: bool = False) -> 
     next(iterator)  # worker start-up, FFCV's compilation
     start, seen = time.perf_counter(), 0
     for _, batch in zip(range(batches), iterator):
-        seen += len(batch["images"] if isinstance(batch, dict) else batch[0])
+        seen += len(batch["images"] if isinstance(batch, dict) else batch[1])  # ImageFolder: ((images, masks), labels)
     return seen / (time.perf_counter() - start)
 
 
