@@ -3,6 +3,10 @@
 
     smim-convert imagefolder /data/imagenet/train /data/ffcv/in1k_train.beton --max-side 512 --compress-share 0.5
     smim-convert webdataset '/data/laion/{00000..00099}.tar' /data/ffcv/laion.beton --max-side 512
+    smim-convert segmentation /data/ade/images/validation /data/ade/annotations/validation /data/ffcv/ade_val.beton
+
+``segmentation`` pairs images with label maps of the same file stem and stores image, mask and index (see
+``smim_dist.data.segmentation``).
 
 Two passes, because FFCV's writer fixes the sample count before it encodes anything and cannot skip a sample: a
 parallel pass fully decodes every candidate image to find the broken ones, then FFCV's writer encodes only the good
@@ -121,7 +125,11 @@ def _compressed(index, share: float):
 
 class _Samples:
     """The dataset FFCV's writer indexes. ``field`` is the writer's own image field (the same object in each forked
-    worker), switched between raw and JPEG per sample just before FFCV encodes it."""
+    worker), switched between raw and JPEG per sample just before FFCV encodes it. ``PAGE_BYTES_PER_PIXEL`` bounds a
+    sample's bytes per (shrunk) image pixel, as FFCV needs a whole sample on one page."""
+
+    PAGE_BYTES_PER_PIXEL = 6  # raw needs 3; the margin is for JPEG beating it
+    IMAGES_PER_SAMPLE = 1
 
     def __init__(self, samples: list[tuple[str, str | Member, int]], max_side: int, share: float):
         self.names, self.sources, self.labels = (list(column) for column in zip(*samples))
@@ -131,19 +139,34 @@ class _Samples:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+    def fields(self, jpeg_quality: int) -> dict:
+        """The writer's fields, in the order ``__getitem__`` returns their values; sets ``field``."""
+        from ffcv.fields import IntField, RGBImageField
+
+        self.field = RGBImageField(write_mode="raw", max_resolution=self.max_side, jpeg_quality=jpeg_quality)
+        return {"image": self.field, "label": IntField(), "index": IntField()}
+
+    def load(self, index: int) -> tuple:
+        image, _ = _decode(_read(self.sources[index]))
+        return _shrunk(image, self.max_side, Image.Resampling.LANCZOS), self.labels[index], index
+
+    def __getitem__(self, index: int) -> tuple:
         try:
-            image, _ = _decode(_read(self.sources[index]))
+            values = self.load(index)
         except Exception as err:
             print(f"smim-convert: {self.names[index]} decoded in the first pass but not now ({err!r}); did it change?",
                   file=sys.stderr, flush=True)
             self.failed.value = 1
             raise
-        size = _fitted(*image.size, self.max_side)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         self.field.write_mode = "jpg" if _compressed(index, self.share) else "raw"
-        return np.asarray(image), self.labels[index], index
+        return values
+
+
+def _shrunk(image: Image.Image, max_side: int, resample) -> np.ndarray:
+    size = _fitted(*image.size, max_side)
+    if size != image.size:
+        image = image.resize(size, resample, reducing_gap=3.0 if resample == Image.Resampling.LANCZOS else None)
+    return np.asarray(image)
 
 
 def _watch(writer, samples: _Samples) -> None:
@@ -165,21 +188,18 @@ def _watch(writer, samples: _Samples) -> None:
 def _write(tmp: str, samples: _Samples, jpeg_quality: int, page_size: int, workers: int, chunk_size: int) -> None:
     """Body of the writing process: its own process group, so one signal stops it and FFCV's workers together."""
     os.setpgid(0, 0)
-    from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
 
-    samples.field = RGBImageField(write_mode="raw", max_resolution=samples.max_side, jpeg_quality=jpeg_quality)
     samples.failed = multiprocessing.RawValue("b", 0)
-    writer = DatasetWriter(tmp, {"image": samples.field, "label": IntField(), "index": IntField()},
-                           page_size=page_size, num_workers=workers)
+    writer = DatasetWriter(tmp, samples.fields(jpeg_quality), page_size=page_size, num_workers=workers)
     threading.Thread(target=_watch, args=(writer, samples), daemon=True).start()
     writer.from_indexed_dataset(samples, chunksize=chunk_size)
     reader = Reader(tmp)
-    written = np.sort(reader.alloc_table["sample_id"])
-    if reader.num_samples != len(samples) or not np.array_equal(written, np.arange(len(samples))):
+    written, images = np.sort(reader.alloc_table["sample_id"]), samples.IMAGES_PER_SAMPLE
+    if reader.num_samples != len(samples) or not np.array_equal(written, np.repeat(np.arange(len(samples)), images)):
         raise RuntimeError(f"FFCV wrote {reader.num_samples} samples with {len(written)} images to {tmp}, expected "
-                           f"{len(samples)} of each")
+                           f"{len(samples)} samples with {images} images each")
 
 
 def _write_in_group(tmp: Path, samples: _Samples, jpeg_quality: int, page_size: int, workers: int,
@@ -241,11 +261,12 @@ def _map(function, items: list, workers: int, chunk_size: int, desc: str, unit: 
 
 
 def _convert(source: str, samples: list[tuple[str, str | Member, int]], skipped: list[dict],
-             out: Path, settings: dict, layout: dict, start: float) -> dict:
+             out: Path, settings: dict, layout: dict, start: float, probe=_probe, dataset=_Samples) -> dict:
     """Probe ``samples`` (name, source, label), write the usable ones to ``out`` and the report beside it.
-    ``skipped`` holds what the layout refused before decoding, ``layout`` the report's fields of that layout."""
+    ``skipped`` holds what the layout refused before decoding, ``layout`` the report's fields of that layout;
+    ``probe`` checks one source as ``_probe`` does, ``dataset`` is ``_Samples`` or a subclass."""
     max_side, share = settings["max_side"], settings["compress_share"]
-    probes = _map(_probe, [sample[1] for sample in samples], settings["workers"], settings["chunk_size"], "checking",
+    probes = _map(probe, [sample[1] for sample in samples], settings["workers"], settings["chunk_size"], "checking",
                   "img")
     good, converted, largest = [], {}, 0
     for sample, (reason, mode, width, height) in zip(samples, probes):
@@ -261,13 +282,13 @@ def _convert(source: str, samples: list[tuple[str, str | Member, int]], skipped:
         raise RuntimeError(f"no image in {source} could be decoded ({len(skipped)} skipped){first}")
 
     page_size = _PAGE
-    while page_size < 6 * largest + (1 << 20):  # raw needs 3 bytes a pixel; the margin is for JPEG beating it
+    while page_size < dataset.PAGE_BYTES_PER_PIXEL * largest + (1 << 20):
         page_size *= 2
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp_report = out.parent / f".{out.name}.report.json.tmp-{os.getpid()}"
     report_path = out.parent / f"{out.name}.report.json"
     try:
-        _write_in_group(tmp, _Samples(good, max_side, share), settings["jpeg_quality"], page_size,
+        _write_in_group(tmp, dataset(good, max_side, share), settings["jpeg_quality"], page_size,
                         settings["workers"], settings["chunk_size"])
         report = {
             "source": source, "output": str(out), "written": len(good),
@@ -345,10 +366,11 @@ def _summary(report: dict) -> str:
     converted = ", ".join(f"{n} {mode}" for mode, n in report["converted"].items()) or "none"
     seconds = report["seconds"]
     origin = (f"of {len(report['classes'])} classes from {report['source']}" if "classes" in report
+              else f"with label maps from {report['source']} and {report['masks']}" if "masks" in report
               else f"from {report['shards']} shards {report['source']}")
     return (f"Wrote {report['written']} images ({report['compressed']} as JPEG) {origin} to {report['output']} "
             f"({report['bytes'] / 2**20:.1f} MiB) in {seconds:.1f} s ({report['written'] / max(seconds, 1e-9):.1f} "
-            f"images/s); skipped {len(report['skipped'])} unusable {'files' if 'classes' in report else 'entries'}; "
+            f"images/s); skipped {len(report['skipped'])} unusable {'entries' if 'shards' in report else 'files'}; "
             f"converted to RGB: {converted}. Report: {report['output']}.report.json")
 
 
@@ -377,8 +399,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="a brace pattern ('/data/laion/{00000..00099}.tar', quoted), a comma-separated list or "
                              "one path")
     _add_options(shards)
+    pairs = sub.add_parser("segmentation", help="images and label maps (class ids, mode P or L) paired by file stem")
+    pairs.add_argument("source", metavar="images", type=Path, help="the image folder, searched recursively")
+    pairs.add_argument("masks", type=Path, help="the label-map folder, searched recursively")
+    _add_options(pairs)
     args = parser.parse_args(argv)
     convert = convert_imagefolder if args.layout == "imagefolder" else convert_webdataset
+    if args.layout == "segmentation":
+        from smim_dist.data.segmentation import convert_segmentation
+
+        def convert(source, *options):
+            return convert_segmentation(source, args.masks, *options)
     # SLURM preempts with SIGTERM: turn it into an exception so the temporary file is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:

@@ -307,7 +307,8 @@ def ensure_demo_dataset(
     """Build the demo dataset at ``root`` unless it is already there with these parameters; return ``root``.
 
     Layout: ``root/{train,val}/<class>/<index>.png`` (ImageFolder), ``root/{train,val}.beton`` (FFCV),
-    ``root/shards/train-*.tar`` (webdataset), ``root/masks/<split>/<index>.png`` and ``root/manifest.json``. The tree is built in a private sibling directory and renamed onto ``root`` in one step, so
+    ``root/shards/train-*.tar`` (webdataset), ``root/masks/<split>/<index>.png`` and ``root/manifest.json``. The
+    tree is built in a private sibling directory and renamed onto ``root`` in one step, so
     concurrent callers (DDP ranks on one machine) never see a partial tree: the first rename wins, later ones discard
     their copy, which is identical. An empty ``root`` directory counts as absent; anything else is never deleted.
     Each split needs at least one image per class, because ImageFolder refuses an empty class folder.

@@ -1,5 +1,5 @@
-"""FFCV loaders: pre-training batches from a ``.beton`` written by ``smim-convert``, and centre-cropped evaluation
-batches.
+"""FFCV loaders: pre-training batches from a ``.beton`` written by ``smim-convert``, centre-cropped evaluation
+batches, and image + label-map batches for segmentation evaluation.
 
 Pre-training reads in the order of ``ResumableDistributedSampler`` (each rank a disjoint share, a function of
 (seed, epoch), startable at any micro-batch), so FFCV serves exactly the samples the image-file loader would, with the
@@ -25,7 +25,7 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from smim_dist.config import Config, ConfigError
-from smim_dist.data.ffcv_ops import EpochClock, SeededCropDecoder, SeededPatchMasks
+from smim_dist.data.ffcv_ops import EpochClock, ResizeDecoder, SeededCropDecoder, SeededPatchMasks
 from smim_dist.data.sampler import ResumableDistributedSampler
 from smim_dist.masking import build_mask_generator
 from smim_dist.models.encoder import image_grid
@@ -82,13 +82,20 @@ def _threads(num_workers: int) -> int:
     return max(1, num_workers)
 
 
-def _new_loader(**kwargs) -> Loader:
-    """FFCV sets torch's intra-op threads to its own decoding threads; training keeps its setting."""
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """FFCV sets torch's intra-op threads to its own decoding threads when it builds a loader or starts an epoch;
+    training keeps its own setting."""
     threads = torch.get_num_threads()
     try:
-        return Loader(**kwargs)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _new_loader(**kwargs) -> Loader:
+    with _torch_threads_kept():
+        return Loader(**kwargs)
 
 
 class FFCVPretrainLoader:
@@ -144,16 +151,14 @@ class FFCVPretrainLoader:
         self._epoch_iterator = _start_epoch(self.loader)
         for images, indices, masks in _batches(self._epoch_iterator):
             yield {"images": images, "index": indices[:, 0], "visible": masks[:, : self.num_visible].contiguous(),
-                   "masked": masks[:, self.num_visible:].contiguous(), "corrupt_skipped": torch.zeros((), dtype=torch.long)}
+                   "masked": masks[:, self.num_visible:].contiguous(),
+                   "corrupt_skipped": torch.zeros((), dtype=torch.long)}
         self._epoch_iterator = None
 
 
 def _start_epoch(loader: Loader) -> EpochIterator:
-    threads = torch.get_num_threads()
-    try:
+    with _torch_threads_kept():
         return iter(loader)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _batches(iterator: EpochIterator):
@@ -194,3 +199,42 @@ class FFCVEvalLoader:
 
     def __iter__(self):
         return _batches(_start_epoch(self.loader))
+
+
+class FFCVSegmentationLoader:
+    """Images and label maps resized whole to ``img_size`` x ``img_size`` (the image with INTER_AREA, the map
+    nearest-neighbour), in file order, from a .beton written by ``smim-convert segmentation``: batches of
+    (images uint8 [B, 3, S, S], label maps int64 [B, S, S], indices [B, 1]). Rank r reads samples r, r + world_size,
+    ..., so ranks together cover every sample exactly once. The images are FFCV's reused buffers, as in
+    ``FFCVEvalLoader``; the label maps are fresh tensors."""
+
+    def __init__(self, path: str | Path, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 4):
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"segmentation data {str(path)!r} does not exist; write it with `smim-convert "
+                              "segmentation IMAGES MASKS OUT.beton`")
+        reader = Reader(str(path))
+        kinds = {"image": RGBImageField, "mask": RGBImageField, "index": IntField}
+        if not all(isinstance(reader.handlers.get(name), kind) for name, kind in kinds.items()):
+            fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+            raise ConfigError(f"{path} has fields {fields}; segmentation needs 'image' and 'mask' RGBImageFields and "
+                              "an 'index' IntField. Write it with `smim-convert segmentation IMAGES MASKS OUT.beton`")
+        # FFCV returns the outputs in the file's field order
+        self._order = [name for name in reader.handlers if name in kinds]
+        self.loader = _new_loader(
+            fname=str(path), batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
+            drop_last=False, indices=np.arange(rank, reader.num_samples, world_size, dtype=np.uint64),
+            pipelines={**{name: None for name in reader.handlers},
+                       "image": PipelineSpec("image", ResizeDecoder(img_size),
+                                             [ToTensor(), ToTorchImage(channels_last=False)]),
+                       "mask": PipelineSpec("mask", ResizeDecoder(img_size, nearest=True), [ToTensor()]),
+                       "index": [IntDecoder(), ToTensor()]})
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in _batches(_start_epoch(self.loader)):
+            outputs = dict(zip(self._order, batch))
+            yield outputs["image"], outputs["mask"][..., 0].long(), outputs["index"]

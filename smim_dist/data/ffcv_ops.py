@@ -1,5 +1,6 @@
 """FFCV operations for pre-training: a decoder that crops, resizes, flips and colour-jitters each image, and a
-transform that draws each sample's patch mask, both inside FFCV's compiled, multi-threaded pipeline.
+transform that draws each sample's patch mask, both inside FFCV's compiled, multi-threaded pipeline; and for
+segmentation evaluation a decoder that resizes a whole image or label map to a square.
 
 FFCV's own random decoders draw from numba's per-thread RNG, so a crop depends on which thread decoded it and
 cannot be reproduced after a restart. These draw from ``smim_dist.data.seeded`` with a key made of (seed, epoch,
@@ -70,15 +71,30 @@ def jitter_in_place(image: np.ndarray, brightness: float, contrast: float, satur
         pixels[p, 2] = np.uint8(min(255.0, max(0.0, saturation * b + grey)))
 
 
-class SeededCropDecoder(Operation):
-    """Decode an ``RGBImageField`` (JPEG or raw) straight into a ``size`` x ``size`` random resized crop, then flip
-    and jitter it: the crop box, flip and factors are those ``PretrainTransform`` draws for the same sample."""
+def pixel_decoder():
+    """A compiled ``(stored bytes, metadata field, scratch) -> [height, width, 3]`` pixels: a view of the bytes when
+    raw, decoded into ``scratch`` when JPEG. Built afresh for each pipeline, as FFCV builds its own decoders: numba
+    dispatchers shared between loaders that compile in their own threads at once fail intermittently."""
+    imdecode_c, jpeg = Compiler.compile(imdecode), IMAGE_MODES["jpg"]
 
-    def __init__(self, size: int, seed: int, clock: EpochClock, scale: tuple[float, float],
-                 ratio: tuple[float, float], hflip: float, color_jitter: float):
+    def decoded_pixels(data, field, scratch):
+        height, width = np.uint32(field["height"]), np.uint32(field["width"])
+        if field["mode"] == jpeg:
+            pixels = scratch[: 3 * height * width]
+            imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+            return pixels.reshape(height, width, 3)
+        return data.reshape(height, width, 3)
+
+    return Compiler.compile(decoded_pixels)
+
+
+class SquareImageDecoder(Operation):
+    """A decoder of ``RGBImageField`` samples into ``size`` x ``size`` x 3 uint8, with room to decode the largest
+    JPEG of the file per batch slot."""
+
+    def __init__(self, size: int):
         super().__init__()
-        self.size, self.seed, self.clock = size, seed, clock
-        self.scale, self.ratio, self.hflip, self.color_jitter = scale, ratio, hflip, color_jitter
+        self.size = size
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         largest = int(self.metadata["width"].astype(np.uint64).max() * self.metadata["height"].astype(np.uint64).max())
@@ -86,10 +102,21 @@ class SeededCropDecoder(Operation):
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")),
                 (AllocationQuery(shape, np.dtype("u1")), AllocationQuery((3 * largest,), np.dtype("u1"))))
 
+
+class SeededCropDecoder(SquareImageDecoder):
+    """Decode an ``RGBImageField`` (JPEG or raw) straight into a ``size`` x ``size`` random resized crop, then flip
+    and jitter it: the crop box, flip and factors are those ``PretrainTransform`` draws for the same sample."""
+
+    def __init__(self, size: int, seed: int, clock: EpochClock, scale: tuple[float, float],
+                 ratio: tuple[float, float], hflip: float, color_jitter: float):
+        super().__init__(size)
+        self.seed, self.clock = seed, clock
+        self.scale, self.ratio, self.hflip, self.color_jitter = scale, ratio, hflip, color_jitter
+
     def generate_code(self):
         mem_read, clock, seed = self.memory_read, self.clock, self.seed
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        jpeg, parallel_range = IMAGE_MODES["jpg"], Compiler.get_iterator()
+        decoded_pixels, resize_crop_c = pixel_decoder(), Compiler.compile(resize_crop)
+        parallel_range = Compiler.get_iterator()
         (scale_lo, scale_hi), (ratio_lo, ratio_hi) = self.scale, self.ratio
         hflip, strength = self.hflip, self.color_jitter
 
@@ -102,13 +129,8 @@ class SeededCropDecoder(Operation):
                 key = sample_key(seed, epoch, sample)
                 field = metadata[sample]
                 data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == jpeg:
-                    pixels = scratch[slot][: 3 * height * width]
-                    imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = pixels.reshape(height, width, 3)
-                else:
-                    image = data.reshape(height, width, 3)
+                image = decoded_pixels(data, field, scratch[slot])
+                height, width = image.shape[0], image.shape[1]
                 top, left, h, w = crop_box(key, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
                 resize_crop_c(image, top, top + h, left, left + w, destination[slot])
                 if flips(key, hflip):
@@ -148,3 +170,49 @@ class SeededPatchMasks(Operation):
 
         masks.is_parallel = True
         return masks
+
+
+@njit(cache=True, nogil=True)
+def resize_nearest(image: np.ndarray, destination: np.ndarray) -> None:
+    """Nearest-neighbour resize of HxWx3 ``image`` into ``destination``: output pixel (r, c) takes source pixel
+    (floor((r + 0.5) H / h), floor((c + 0.5) W / w)), the pixel under its centre, in exact integer arithmetic. This is
+    PIL's NEAREST and torch's "nearest-exact" (OpenCV's INTER_NEAREST omits the half-pixel and shifts the map)."""
+    height, width = image.shape[0], image.shape[1]
+    out_height, out_width = destination.shape[0], destination.shape[1]
+    for row in range(out_height):
+        source_row = ((2 * row + 1) * height) // (2 * out_height)
+        for col in range(out_width):
+            source_col = ((2 * col + 1) * width) // (2 * out_width)
+            for channel in range(3):
+                destination[row, col, channel] = image[source_row, source_col, channel]
+
+
+class ResizeDecoder(SquareImageDecoder):
+    """Decode an ``RGBImageField`` (JPEG or raw) and resize the whole image, aspect not kept, to ``size`` x ``size``:
+    the fixed-size input of segmentation evaluation. ``nearest=False`` resizes with OpenCV's INTER_AREA (FFCV's
+    ``resize_crop``), for images; ``nearest=True`` with ``resize_nearest``, for label maps, whose ids must never be
+    blended."""
+
+    def __init__(self, size: int, nearest: bool = False):
+        super().__init__(size)
+        self.nearest = nearest
+
+    def generate_code(self):
+        mem_read, nearest = self.memory_read, self.nearest
+        decoded_pixels, resize_crop_c = pixel_decoder(), Compiler.compile(resize_crop)
+        parallel_range = Compiler.get_iterator()
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, scratch = storage
+            for slot in parallel_range(len(batch_indices)):
+                field = metadata[batch_indices[slot]]
+                data = mem_read(field["data_ptr"], storage_state)
+                image = decoded_pixels(data, field, scratch[slot])
+                if nearest:
+                    resize_nearest(image, destination[slot])
+                else:
+                    resize_crop_c(image, 0, image.shape[0], 0, image.shape[1], destination[slot])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
