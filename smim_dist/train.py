@@ -14,7 +14,7 @@ import torch
 
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
-from smim_dist.engine.checkpoint import latest_tag, load_checkpoint, prune_checkpoints, save_checkpoint
+from smim_dist.engine.checkpoint import load_checkpoint, newest_valid_tag, prune_checkpoints, save_checkpoint
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
@@ -37,6 +37,13 @@ def _should_save(cfg: Config, state: TrainState) -> bool:
     return state.epoch % cfg.checkpoint.every_epochs == 0 or state.epoch == cfg.optim.epochs
 
 
+def resume_tag(cfg: Config, dist_info: DistInfo) -> tuple[str | None, list[str]]:
+    """Rank 0 validates the checkpoints (reading every file once) and tells the other ranks which one to load."""
+    choice = [newest_valid_tag(cfg.run_dir) if dist_info.is_main else None]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
 def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> TrainState:
     """Build everything for this rank and train until the configured epochs are done or a stop is requested."""
     resuming = check_run_dir(cfg)
@@ -53,10 +60,12 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
     torch.manual_seed(cfg.seed + 1 + dist_info.rank)
     engine = build_engine(cfg, model, dist_info.world_size, dist_info.device)
     state = TrainState()
-    tag = latest_tag(cfg.run_dir) if resuming else None
+    tag, skipped = resume_tag(cfg, dist_info) if resuming else (None, [])
     if tag is not None:
         state = TrainState(**load_checkpoint(engine, cfg.run_dir, dist_info, tag)["train_state"])
     logger = RunLogger(cfg, dist_info.is_main, sampler.steps_per_epoch * cfg.optim.epochs, state.step)
+    for line in skipped:
+        logger.info(line)
     runner = EpochRunner(cfg, engine, target, dist_info.device, logger, sampler.steps_per_epoch)
     logger.info(f"run {cfg.run_dir} ({'resumed from ' + tag if tag else 'new'}): {cfg.model.mode} ViT-{cfg.model.size}"
                 f" {cfg.target.kind} target, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

@@ -203,3 +203,17 @@ def test_webdataset_spec_without_shards_is_refused(tmp_path, demo_data):
                                "data.samples_per_epoch=64")
     proc = train_cli(1, TINY_CONFIG, overrides, check=False)
     assert proc.returncode == 2 and "4 of 4 shards do not exist" in proc.stderr
+
+
+def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumed(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=damaged", "checkpoint.every_epochs=1")
+    train_cli(1, TINY_CONFIG, overrides)
+    run = tmp_path / "damaged"
+    reference = losses(run)
+    newest = run / "checkpoints" / "step_00000008"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])  # a node died mid-write
+    resumed = train_cli(1, TINY_CONFIG, overrides)
+    assert f"checkpoint {newest} skipped: {largest.relative_to(newest)} has" in resumed.stderr
+    assert "resumed from step_00000004" in resumed.stderr
+    assert losses(run) == pytest.approx(reference, rel=1e-6), "epoch 2 retrained exactly"

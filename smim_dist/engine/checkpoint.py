@@ -2,11 +2,14 @@
 
 A checkpoint is written under a temporary tag, renamed to its final tag once every rank has finished, and only then
 named by the ``latest`` pointer (itself replaced atomically), so a job killed mid-write leaves the previous checkpoint
-as the one a restart uses.
+as the one a restart uses. A manifest of every file's size and SHA-256, written last, lets a restart tell a complete
+checkpoint from one a full disk or a dying node truncated: it takes the newest checkpoint that validates and reports
+the ones it passed over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,6 +23,7 @@ from smim_dist.engine.distributed import DistInfo, barrier
 
 LATEST = "latest"
 META = "meta.json"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -63,12 +67,65 @@ def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: di
     barrier()
     if dist_info.is_main:
         (root / partial / META).write_text(json.dumps(meta) + "\n")
+        _write_atomic(root / partial / MANIFEST, json.dumps(_file_digests(root / partial), indent=1) + "\n")
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(root / partial, root / tag)
         _write_atomic(root / LATEST, tag + "\n")
     barrier()
     return root / tag
+
+
+def _file_digests(folder: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under ``folder`` but the manifest, each flushed to disk on the way."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+            os.fsync(handle.fileno())
+        digests[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digests
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be trusted, or None when every file matches its manifest."""
+    try:
+        expected = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest (written before its files were complete?)"
+    except json.JSONDecodeError as err:
+        return f"unreadable manifest ({err})"
+    found = _file_digests(folder)
+    for name, entry in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name]["bytes"] != entry["bytes"]:
+            return f"{name} has {found[name]['bytes']} bytes, the manifest says {entry['bytes']}"
+        if found[name]["sha256"] != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_valid_tag(run_dir: Path) -> tuple[str | None, list[str]]:
+    """The tag to resume from (``latest`` first, then older checkpoints, newest first) and a line for each
+    checkpoint passed over."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None, []
+    pointer = latest_tag(run_dir)
+    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
+    if pointer in tags:
+        tags.remove(pointer)
+        tags.insert(0, pointer)
+    skipped = []
+    for tag in tags:
+        problem = checkpoint_problem(root / tag)
+        if problem is None:
+            return tag, skipped
+        skipped.append(f"checkpoint {root / tag} skipped: {problem}")
+    return None, skipped
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every_epochs: int) -> list[str]:
