@@ -150,6 +150,15 @@ class CheckpointConfig:
     """newest checkpoints kept; older ones are deleted after each save"""
     keep_every_epochs: int = 50
     """also keep the checkpoint closing every epoch that is a multiple of this (0: none)"""
+    allow_fresh_start: bool = False
+    """when every checkpoint of the run is damaged, train again from step 0 instead of stopping"""
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0
+    """after the checkpoint closing every N-th epoch, start a separate kNN evaluation job on it (0: never); it runs
+    beside training (a SLURM job under SLURM, a background process otherwise) and never delays or stops it"""
 
 
 @dataclass
@@ -165,6 +174,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -365,6 +375,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}, keep_last="
                           f"{cfg.checkpoint.keep_last} must be >= 1 and keep_every_epochs="
                           f"{cfg.checkpoint.keep_every_epochs} >= 0")
+    if cfg.eval.every_epochs < 0 or cfg.eval.every_epochs % cfg.checkpoint.every_epochs:
+        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs}: evaluations run on checkpoints, so it must be 0 "
+                          f"(none) or a multiple of checkpoint.every_epochs={cfg.checkpoint.every_epochs}")
     if not cfg.run_name or "/" in cfg.run_name:
         raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/'")
 

@@ -54,7 +54,7 @@ class RunLogger:
         if cfg.log.wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb_run = wandb.init(
-                project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, group=cfg.log.wandb_group,
+                project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, group=cfg.log.wandb_group or cfg.run_name,
                 name=cfg.run_name, id=_wandb_id(cfg.run_dir), resume="allow", mode=cfg.log.wandb_mode,
                 dir=str(cfg.run_dir), config=cfg.to_dict())
         if cfg.log.progress:

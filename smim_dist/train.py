@@ -14,11 +14,14 @@ import torch
 
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
-from smim_dist.engine.checkpoint import load_checkpoint, newest_valid_tag, prune_checkpoints, save_checkpoint
+from smim_dist.engine.checkpoint import (check_resumable, load_checkpoint, newest_valid_tag, prune_checkpoints,
+                                         save_checkpoint)
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
+from smim_dist.engine.stop_signals import StopSignals
+from smim_dist.eval.jobs import pending_evals, submit_eval
 from smim_dist.logging import RunLogger, check_wandb_credentials
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target
@@ -41,11 +44,32 @@ def resume_tag(cfg: Config, dist_info: DistInfo) -> tuple[str | None, list[str]]
     """Rank 0 validates the checkpoints (reading every file once) and tells the other ranks which one to load."""
     choice = [newest_valid_tag(cfg.run_dir) if dist_info.is_main else None]
     torch.distributed.broadcast_object_list(choice, src=0)
-    return choice[0]
+    tag, skipped = choice[0]
+    check_resumable(cfg.run_dir, tag, skipped, cfg.checkpoint.allow_fresh_start)
+    return tag, skipped
 
 
-def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> TrainState:
-    """Build everything for this rank and train until the configured epochs are done or a stop is requested."""
+def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainState, logger: RunLogger,
+                      eval_slurm: dict | None) -> None:
+    """Checkpoint; then rank 0 starts the evaluation job due at this epoch and applies retention, which keeps the
+    checkpoints whose evaluation has not finished."""
+    path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
+                                                            "config_hash": cfg.hash(), "wandb_id": logger.wandb_id},
+                           tag=f"step_{state.step:08d}", meta=state.state_dict())
+    logger.info(f"checkpoint {path}")
+    if not dist_info.is_main:
+        return
+    epoch_closed = state.batch_in_epoch == 0 and state.micro_in_window == 0
+    every = cfg.eval.every_epochs
+    if every and epoch_closed and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
+        logger.info(submit_eval(cfg, path.name, eval_slurm))
+    prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs,
+                      keep=pending_evals(cfg.run_dir))
+
+
+def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_slurm: dict | None = None) -> TrainState:
+    """Build everything for this rank and train until the configured epochs are done or a stop is requested.
+    ``eval_slurm``: submitit parameters for evaluation jobs under SLURM; without them they are local processes."""
     resuming = check_run_dir(cfg)
     if dist_info.is_main and cfg.data.demo:
         prepare_demo_data(cfg)
@@ -62,7 +86,8 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
     state = TrainState()
     tag, skipped = resume_tag(cfg, dist_info) if resuming else (None, [])
     if tag is not None:
-        state = TrainState(**load_checkpoint(engine, cfg.run_dir, dist_info, tag)["train_state"])
+        from smim_dist.engine.elastic import resume  # any world size; bit-exact on the one it was written with
+        state = resume(engine, cfg, dist_info, tag)
     logger = RunLogger(cfg, dist_info.is_main, sampler.steps_per_epoch * cfg.optim.epochs, state.step)
     for line in skipped:
         logger.info(line)
@@ -88,15 +113,10 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
                 state.micro_in_window = 0
             save_pending = save_pending or outcome == "stop" or (outcome == "done" and _should_save(cfg, state))
             if save_pending and state.micro_in_window == 0:
-                path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
-                                                                        "config_hash": cfg.hash()},
-                                       tag=f"step_{state.step:08d}", meta=state.state_dict())
-                logger.info(f"checkpoint {path}")
-                if dist_info.is_main:
-                    prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs)
+                save_and_evaluate(cfg, engine, dist_info, state, logger, eval_slurm)
                 save_pending = False
             if outcome == "stop":
-                logger.info(f"stopped at step {state.step} on request; re-run the same command to resume")
+                logger.info(f"stopped at step {state.step} on request; the same command resumes the run")
                 break
     finally:
         logger.close()
@@ -104,19 +124,24 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False) -> Tra
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 128 + signal number when a SIGTERM / SIGUSR2 stopped the run early (after its checkpoint), so
+    torchrun, Kubernetes and SLURM see an unfinished run rather than a finished one."""
     args = parse_args(argv)
+    stop = StopSignals().install()
     try:
         cfg = load_config(args.config, args.overrides)
         check_wandb_credentials(cfg)
         dist_info = init_distributed()
         check_precision(cfg.engine.precision, dist_info.device)
-        train(cfg, dist_info)
+        state = train(cfg, dist_info, stop)
     except ConfigError as err:
         print(f"smim-train: config error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"smim-train: stopped: {err}", file=sys.stderr)
         return 3
+    if stop.received is not None and state.epoch < cfg.optim.epochs:
+        return 128 + stop.received
     return 0
 
 

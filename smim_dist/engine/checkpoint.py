@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smim_dist.config import ConfigError
 from smim_dist.engine.distributed import DistInfo, barrier
 
 LATEST = "latest"
@@ -56,7 +57,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: dict, tag: str,
                     meta: dict) -> Path:
-    """``meta`` (epoch, step, ...) is written beside the DeepSpeed files so retention can be decided without loading."""
+    """``meta`` (epoch, step, ...) is written beside the DeepSpeed files so retention can be decided without loading;
+    the world size and accumulation are added, for a resume on another number of ranks."""
+    meta = {**meta, "world_size": dist_info.world_size, "accumulation": engine.gradient_accumulation_steps()}
     root = checkpoint_root(run_dir)
     partial = f"{tag}.partial"
     if dist_info.is_main and (root / partial).exists():
@@ -128,9 +131,16 @@ def newest_valid_tag(run_dir: Path) -> tuple[str | None, list[str]]:
     return None, skipped
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_every_epochs: int) -> list[str]:
-    """Rank 0: delete all but the newest ``keep_last`` checkpoints and those that close an epoch that is a multiple of
-    ``keep_every_epochs``; returns the deleted tags. The one ``latest`` names is never deleted."""
+def check_resumable(run_dir: Path, tag: str | None, skipped: list[str], allow_fresh_start: bool) -> None:
+    """A run whose checkpoints are all damaged is not silently trained again from step 0."""
+    if tag is None and skipped and not allow_fresh_start:
+        raise ConfigError(f"no checkpoint of {run_dir} is usable: " + "; ".join(skipped) + ". Nothing was changed. "
+                          "To train this run again from step 0, add checkpoint.allow_fresh_start=true")
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every_epochs: int, keep: set[str] = frozenset()) -> list[str]:
+    """Rank 0: delete all but the newest ``keep_last`` checkpoints, those that close an epoch that is a multiple of
+    ``keep_every_epochs`` and those in ``keep``; returns the deleted tags. The one ``latest`` names is never deleted."""
     root = checkpoint_root(run_dir)
     latest = latest_tag(run_dir)
     tags = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / META).exists())
@@ -138,7 +148,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every_epochs: int) -> 
     for tag in tags[: max(len(tags) - keep_last, 0)]:
         meta = json.loads((root / tag / META).read_text())
         milestone = keep_every_epochs > 0 and meta["batch_in_epoch"] == 0 and meta["epoch"] % keep_every_epochs == 0
-        if tag != latest and not milestone:
+        if tag != latest and not milestone and tag not in keep:
             shutil.rmtree(root / tag)
             deleted.append(tag)
     return deleted

@@ -9,7 +9,7 @@ import yaml
 from smim_dist.config import Config, ConfigError, save_config
 
 CONFIG_FILE = "config.yaml"
-HARMLESS = ("log.", "checkpoint.", "data.num_workers", "data.path", "engine.max_bad_steps", "output_dir")
+HARMLESS = ("log.", "checkpoint.", "eval.", "data.num_workers", "data.path", "engine.max_bad_steps", "output_dir")
 """Keys a resumed run may change: they do not alter what is trained."""
 
 

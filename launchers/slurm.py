@@ -1,0 +1,172 @@
+"""Submit a pre-training run to SLURM through submitit: one task per GPU, preemption-safe, requeued until it finishes.
+
+    python launchers/slurm.py --nodes 8 --partition gpu --time 72:00:00 --config configs/beit_proxy.yaml optim.lr=2e-3
+    python launchers/slurm.py --nodes 2 --config configs/beit_proxy.yaml --dry-run   # print the sbatch script only
+
+Submitting the same command again resumes the run (from its newest valid checkpoint), on any number of nodes. The
+config, the cluster options and the run directory are checked here, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import submitit
+
+from smim_dist.config import Config, ConfigError, load_config
+from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag
+from smim_dist.engine.run_dir import check_run_dir
+from smim_dist.slurm_job import TrainJob
+
+JOB_FOLDER = "slurm"
+JOB_ID_FILE = "job_id"
+TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?:(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?$")
+
+
+def minutes(text: str) -> int:
+    """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
+    match = TIME.match(text)
+    days_hours = re.match(r"^(\d+)-(\d+)$", text)
+    if days_hours:
+        return int(days_hours[1]) * 1440 + int(days_hours[2]) * 60
+    if not match:
+        raise argparse.ArgumentTypeError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+    parts = match.groupdict()
+    if parts["days"] is None and parts["h"] is not None and parts["s"] is None:  # MM:SS
+        total_s = int(parts["h"]) * 60 + int(parts["m"])
+    else:
+        total_s = (int(parts["days"] or 0) * 86400 + int(parts["h"] or 0) * 3600 + int(parts["m"]) * 60
+                   + int(parts["s"] or 0))
+    return -(-total_s // 60)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launchers/slurm.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=2e-3")
+    parser.add_argument("--nodes", type=positive, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU; 0 for CPU-only nodes")
+    parser.add_argument("--tasks-per-node", type=positive, default=1, help="tasks per node when --gpus-per-node 0")
+    parser.add_argument("--cpus-per-task", type=positive, default=10, help="loader workers + the training thread")
+    parser.add_argument("--mem", help="memory per node, e.g. 480G (default: the partition's)")
+    parser.add_argument("--time", type=minutes, default=minutes("3-00:00:00"),
+                        help="time limit per job (the run is requeued until done); default 3-00:00:00")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint")
+    parser.add_argument("--exclude", help="nodes to avoid, e.g. node[12-14]")
+    parser.add_argument("--name", help="job name (default: the config's run_name)")
+    parser.add_argument("--output-dir", help="where run directories go (the config's output_dir)")
+    parser.add_argument("--signal-delay", type=positive, default=120, metavar="SECONDS",
+                        help="USR2 this long before the time limit: enough for one step and a checkpoint")
+    parser.add_argument("--max-requeues", type=int, default=50, help="after this many requeues the job ends")
+    parser.add_argument("--eval-time", type=minutes, default=60, help="time limit of each evaluation job")
+    parser.add_argument("--dry-run", action="store_true", help="check everything and print the sbatch script")
+    args = parser.parse_args(argv)
+    if args.gpus_per_node < 0:
+        parser.error(f"--gpus-per-node {args.gpus_per_node}: must be 0 (CPU nodes) or more")
+    if args.max_requeues < 0:
+        parser.error(f"--max-requeues {args.max_requeues}: must be 0 or more")
+    if args.signal_delay >= args.time * 60:
+        parser.error(f"--signal-delay {args.signal_delay} s is not shorter than --time ({args.time} min)")
+    return args
+
+
+def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
+    """submitit's SlurmExecutor parameters; the evaluation jobs get one task of the same kind."""
+    on_gpus = args.gpus_per_node > 0
+    common = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
+              "exclude": args.exclude, "cpus_per_task": args.cpus_per_task, "stderr_to_stdout": False}
+    train = {**common, "job_name": args.name or cfg.run_name, "nodes": args.nodes, "time": args.time,
+             "ntasks_per_node": args.gpus_per_node if on_gpus else args.tasks_per_node,
+             "gpus_per_node": args.gpus_per_node if on_gpus else None, "mem": args.mem,
+             "signal_delay_s": args.signal_delay}
+    evaluation = {**common, "job_name": f"{train['job_name']}-eval", "nodes": 1, "ntasks_per_node": 1,
+                  "gpus_per_node": 1 if on_gpus else None, "time": args.eval_time}
+    return {"train": {k: v for k, v in train.items() if v is not None},
+            "eval": {k: v for k, v in evaluation.items() if v is not None}}
+
+
+def _job_in_queue(job_id: str) -> str | None:
+    """The SLURM state of ``job_id`` while it is pending or running, else None."""
+    proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    state = proc.stdout.strip()
+    return state or None
+
+
+def check_run(cfg: Config, world_size: int) -> None:
+    """Everything that would make the job fail at start, checked on the submitting machine."""
+    cfg.optim.accumulation_steps(world_size)
+    if not check_run_dir(cfg):
+        return
+    id_file = cfg.run_dir / JOB_FOLDER / JOB_ID_FILE
+    if id_file.exists() and shutil.which("squeue"):
+        job_id = id_file.read_text().strip()
+        state = _job_in_queue(job_id)
+        if state:
+            raise ConfigError(f"job {job_id} ({state}) is already training {cfg.run_dir}; wait for it or "
+                              f"`scancel {job_id}` first (its checkpoint is kept, and this command resumes it)")
+    tag, skipped = newest_valid_tag(cfg.run_dir)
+    check_resumable(cfg.run_dir, tag, skipped, cfg.checkpoint.allow_fresh_start)
+
+
+def submit(args: argparse.Namespace) -> int:
+    overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
+    cfg = load_config(args.config, overrides)
+    world_size = args.nodes * (args.gpus_per_node or args.tasks_per_node)
+    check_run(cfg, world_size)
+    params = slurm_parameters(args, cfg)
+    folder = cfg.run_dir / JOB_FOLDER
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    executor.update_parameters(**params["train"])
+    job = TrainJob(config=cfg.to_dict(), max_requeues=args.max_requeues, eval_slurm=params["eval"])
+    if args.dry_run:
+        command = f"{executor.python} -u -m submitit.core._submit {folder}"
+        print(executor._make_submission_file_text(command, "dry-run"))
+        print(f"# dry run: nothing submitted; {world_size} tasks would train {cfg.run_dir}")
+        return 0
+    created = not cfg.run_dir.exists()
+    before = set(folder.glob("*")) if folder.exists() else set()
+    try:
+        submitted = executor.submit(job)
+    except Exception as err:
+        if created:
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        else:
+            for path in set(folder.glob("*")) - before:
+                path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+        print(f"launchers/slurm.py: sbatch refused the job, nothing was submitted: {err}", file=sys.stderr)
+        return 1
+    (folder / JOB_ID_FILE).write_text(submitted.job_id + "\n")
+    print(f"submitted job {submitted.job_id}: {world_size} tasks on {args.nodes} node(s)\n"
+          f"run directory: {cfg.run_dir}\n"
+          f"follow it:     tail -f {folder}/{submitted.job_id}_0_log.err     (metrics: {cfg.run_dir}/metrics.jsonl)\n"
+          f"stop it:       scancel {submitted.job_id}     (resubmit this command to resume)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return submit(args)
+    except ConfigError as err:
+        print(f"launchers/slurm.py: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

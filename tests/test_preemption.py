@@ -1,0 +1,78 @@
+"""Stopping on SIGTERM / SIGUSR2 at a step boundary with a checkpoint, and what a restart finds in the run directory."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, losses, tiny_overrides, train_cli
+
+TINY_CONFIG = "configs/demo_cpu.yaml"
+
+
+def final_weights(run_dir):
+    checkpoints = run_dir / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    return torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def start_training(overrides):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "smim_dist.train", "--config", TINY_CONFIG, *overrides], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir, step, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(tmp_path, demo_data):
+    """SIGTERM is what torchrun, Kubernetes and SLURM's scancel send; SIGUSR2 takes the same path (tests/slurm)."""
+    sig = signal.SIGTERM
+    common = ["optim.epochs=6", "checkpoint.every_epochs=6"]
+    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=signalled", *common)
+    run = tmp_path / "signalled"
+    process = start_training(overrides)
+    wait_for_step(run, 3, process)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, stderr[-3000:]
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(tag.removeprefix("step_"))
+    assert 3 <= stopped_at < 24, "stopped mid-run, after the step it had logged"
+    assert f"stopped at step {stopped_at} on request" in stderr
+    resumed = train_cli(1, TINY_CONFIG, overrides)
+    assert f"resumed from {tag}" in resumed.stderr
+    assert losses(run) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+    straight, again = final_weights(tmp_path / "straight"), final_weights(run)
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[key], again[key]) for key in straight), "bit-identical final weights"
+
+
+def test_only_damaged_checkpoints_stop_the_run_unless_a_fresh_start_is_asked_for(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=ruined", "optim.epochs=1")
+    train_cli(1, TINY_CONFIG, overrides)
+    run = tmp_path / "ruined"
+    for manifest in (run / "checkpoints").glob("*/manifest.json"):
+        manifest.write_text("{")
+    before = sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*"))
+    refused = train_cli(1, TINY_CONFIG, overrides, check=False)
+    assert refused.returncode == 2
+    assert "no checkpoint of" in refused.stderr and "unreadable manifest" in refused.stderr
+    assert "checkpoint.allow_fresh_start=true" in refused.stderr
+    assert sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*")) == before, "nothing touched"
+    again = train_cli(1, TINY_CONFIG, [*overrides, "checkpoint.allow_fresh_start=true"])
+    assert "(new)" in again.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
