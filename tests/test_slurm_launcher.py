@@ -1,0 +1,99 @@
+"""``launchers/slurm.py`` without a cluster: the sbatch script it would submit, and every refusal before submission."""
+
+import contextlib
+import importlib.util
+import io
+import subprocess
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+from smim_dist.config import load_config, save_config
+
+TINY_CONFIG = "configs/demo_cpu.yaml"
+spec = importlib.util.spec_from_file_location("slurm_launcher", REPO / "launchers" / "slurm.py")
+slurm_launcher = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(slurm_launcher)
+
+
+def launch(*args, check=False):
+    """The launcher's ``main`` in this process (its imports cost more than the checks themselves)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(REPO):
+        try:
+            code = slurm_launcher.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    assert not check or code == 0, proc.stderr
+    return proc
+
+
+def test_dry_run_prints_the_sbatch_script_and_creates_nothing(tmp_path):
+    proc = launch("--config", TINY_CONFIG, "--nodes", "4", "--partition", "h100", "--account", "vision",
+                  "--qos", "high", "--time", "2-00:00:00", "--constraint", "h100&ib", "--exclude", "node[3-4]",
+                  "--mem", "480G", "--signal-delay", "300", "--output-dir", str(tmp_path), "--dry-run",
+                  "run_name=big", "optim.micro_batch=2", check=True)
+    script = proc.stdout
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--partition=h100",
+                 "--account=vision", "--qos=high", "--time=2880", "--constraint='h100&ib'", "--exclude='node[3-4]'",
+                 "--mem=480G", "--signal=USR2@300", "--job-name=big"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "srun" in script and "submitit.core._submit" in script
+    assert f"32 tasks would train {tmp_path / 'big'}" in script
+    assert not any(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_cpu_nodes_run_the_requested_tasks_per_node(tmp_path):
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "90",
+                  "--dry-run", f"output_dir={tmp_path}", "optim.micro_batch=32", check=True)
+    assert "#SBATCH --ntasks-per-node=2\n" in proc.stdout and "gpus" not in proc.stdout
+    assert "#SBATCH --time=90\n" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "--nodes: 0: must be at least 1"),
+    (["--time", "soon"], "--time 'soon': use minutes, HH:MM:SS or D-HH:MM:SS"),
+    (["--time", "1", "--signal-delay", "120"], "--signal-delay 120 s is not shorter than --time (1 min)"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be 0"),
+])
+def test_bad_cluster_options_are_refused(args, message):
+    proc = launch("--config", TINY_CONFIG, *args, "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/nope.yaml"], "config file not found"),
+    (["--config", TINY_CONFIG, "optim.lr=fast"], "optim.lr: expected float, got str 'fast'"),
+    (["--config", TINY_CONFIG, "--nodes", "3"], "optim.global_batch=64 is not divisible by optim.micro_batch=64"),
+])
+def test_configs_that_do_not_resolve_are_refused(args, message):
+    proc = launch(*args, "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_run_directory_of_another_config_is_refused(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=taken")
+    cfg = load_config(TINY_CONFIG, overrides)
+    cfg.run_dir.mkdir(parents=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--dry-run", *overrides, "model.size=tiny")
+    assert proc.returncode == 2
+    assert "holds another run whose config differs in: model.size" in proc.stderr
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["config.yaml"]
+
+
+def test_a_run_with_only_damaged_checkpoints_is_refused(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=ruined")
+    cfg = load_config(TINY_CONFIG, overrides)
+    damaged = cfg.run_dir / "checkpoints" / "step_00000004"
+    damaged.mkdir(parents=True)
+    (damaged / "manifest.json").write_text("{")
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--dry-run", *overrides)
+    assert proc.returncode == 2
+    assert f"checkpoint {damaged} skipped: unreadable manifest" in proc.stderr
+    assert "checkpoint.allow_fresh_start=true" in proc.stderr
+    fresh = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--dry-run", *overrides,
+                   "checkpoint.allow_fresh_start=true")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
