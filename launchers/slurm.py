@@ -81,20 +81,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--gpus-per-node {args.gpus_per_node}: must be 0 (CPU nodes) or more")
     if args.max_requeues < 0:
         parser.error(f"--max-requeues {args.max_requeues}: must be 0 or more")
-    if args.signal_delay >= args.time * 60:
-        parser.error(f"--signal-delay {args.signal_delay} s is not shorter than --time ({args.time} min)")
+    if args.time * 60 - args.signal_delay < 60:
+        parser.error(f"--signal-delay {args.signal_delay} s leaves less than a minute of --time {args.time} min before "
+                     "the signal, and SLURM may send it up to 60 s early, before training has started; lower the "
+                     "delay or raise --time")
     return args
 
 
 def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
-    """submitit's SlurmExecutor parameters; the evaluation jobs get one task of the same kind."""
+    """submitit's SlurmExecutor parameters; the evaluation jobs get one task of the same kind. A task that dies ends
+    the whole job (``--kill-on-bad-exit``) instead of leaving the others blocked in a collective until the time
+    limit."""
     on_gpus = args.gpus_per_node > 0
     common = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
               "exclude": args.exclude, "cpus_per_task": args.cpus_per_task, "stderr_to_stdout": False}
     train = {**common, "job_name": args.name or cfg.run_name, "nodes": args.nodes, "time": args.time,
              "ntasks_per_node": args.gpus_per_node if on_gpus else args.tasks_per_node,
              "gpus_per_node": args.gpus_per_node if on_gpus else None, "mem": args.mem,
-             "signal_delay_s": args.signal_delay}
+             "signal_delay_s": args.signal_delay, "srun_args": ["--kill-on-bad-exit=1"]}
     evaluation = {**common, "job_name": f"{train['job_name']}-eval", "nodes": 1, "ntasks_per_node": 1,
                   "gpus_per_node": 1 if on_gpus else None, "time": args.eval_time}
     return {"train": {k: v for k, v in train.items() if v is not None},

@@ -39,7 +39,7 @@ def test_dry_run_prints_the_sbatch_script_and_creates_nothing(tmp_path):
                  "--account=vision", "--qos=high", "--time=2880", "--constraint='h100&ib'", "--exclude='node[3-4]'",
                  "--mem=480G", "--signal=USR2@300", "--job-name=big"):
         assert f"#SBATCH {line}\n" in script, line
-    assert "srun" in script and "submitit.core._submit" in script
+    assert "srun" in script and "--kill-on-bad-exit=1" in script and "submitit.core._submit" in script
     assert f"32 tasks would train {tmp_path / 'big'}" in script
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
@@ -54,7 +54,7 @@ def test_cpu_nodes_run_the_requested_tasks_per_node(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "0"], "--nodes: 0: must be at least 1"),
     (["--time", "soon"], "--time 'soon': use minutes, HH:MM:SS or D-HH:MM:SS"),
-    (["--time", "1", "--signal-delay", "120"], "--signal-delay 120 s is not shorter than --time (1 min)"),
+    (["--time", "2", "--signal-delay", "90"], "--signal-delay 90 s leaves less than a minute of --time 2 min"),
     (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be 0"),
 ])
 def test_bad_cluster_options_are_refused(args, message):

@@ -53,7 +53,8 @@ def submit_eval(cfg: Config, tag: str, eval_slurm: dict | None) -> str:
         if eval_slurm is not None:
             executor = submitit.SlurmExecutor(folder=folder / "slurm")
             executor.update_parameters(**eval_slurm)
-            job = executor.submit(evaluate, checkpoint)
+            with submitit.helpers.clean_env():  # the training job's SLURM_* variables must not shape this job
+                job = executor.submit(evaluate, checkpoint)
             where = {"slurm_job": job.job_id, "log": str(folder / "slurm" / f"{job.job_id}_0_log.out")}
         else:
             log = (folder / "log.txt").open("ab")
