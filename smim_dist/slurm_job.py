@@ -10,6 +10,7 @@ run from its newest valid checkpoint.
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import dataclass, replace
 
 import submitit
@@ -49,6 +50,6 @@ class TrainJob:
         nothing once ``max_requeues`` is reached (submitit then ends the job and says why)."""
         if self.requeues >= self.max_requeues:
             print(f"smim_dist: not requeued: {self.requeues} requeues reached --max-requeues {self.max_requeues}; "
-                  "submit the same command again to resume", flush=True)
+                  "submit the same command again to resume", file=sys.stderr, flush=True)
             return None
         return submitit.helpers.DelayedSubmission(replace(self, requeues=self.requeues + 1))
