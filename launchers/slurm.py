@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import FailedJobError
 
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag
@@ -147,7 +148,7 @@ def submit(args: argparse.Namespace) -> int:
     before = set(folder.glob("*")) if folder.exists() else set()
     try:
         submitted = executor.submit(job)
-    except Exception as err:
+    except (FailedJobError, OSError) as err:  # sbatch's refusal, or no sbatch on this machine
         if created:
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
         else:

@@ -14,10 +14,10 @@ import torch
 
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
-from smim_dist.engine.checkpoint import (check_resumable, load_checkpoint, newest_valid_tag, prune_checkpoints,
-                                         save_checkpoint)
+from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag, prune_checkpoints, save_checkpoint
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
+from smim_dist.engine.elastic import resume
 from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
 from smim_dist.engine.stop_signals import StopSignals
@@ -86,7 +86,6 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
     state = TrainState()
     tag, skipped = resume_tag(cfg, dist_info) if resuming else (None, [])
     if tag is not None:
-        from smim_dist.engine.elastic import resume  # any world size; bit-exact on the one it was written with
         state = resume(engine, cfg, dist_info, tag)
     logger = RunLogger(cfg, dist_info.is_main, sampler.steps_per_epoch * cfg.optim.epochs, state.step)
     for line in skipped:

@@ -40,7 +40,8 @@ def test_each_evaluated_checkpoint_gets_one_background_knn_job(tmp_path, demo_da
 
 
 def test_an_evaluation_that_cannot_start_never_stops_training(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=unlucky", "optim.epochs=1", "eval.every_epochs=1")
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=unlucky", "optim.epochs=1", "eval.every_epochs=1",
+                               "checkpoint.every_epochs=1")
     cfg = load_config(TINY_CONFIG, overrides)
     (cfg.run_dir / "eval").mkdir(parents=True)
     (cfg.run_dir / "eval" / "step_00000004").write_text("a file where the evaluation folder should be")

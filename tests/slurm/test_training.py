@@ -158,6 +158,9 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
     job_id = submit("--config", CONFIG, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug",
                     "--time", "30", "--eval-time", "15", *overrides)
     run = tmp_path / "evaluated"
+    twice = run_cli(["launchers/slurm.py", "--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug",
+                     *overrides], check=False)
+    assert twice.returncode == 2 and f"job {job_id} (" in twice.stderr and "is already training" in twice.stderr
     wait_until_gone(job_id, slurm_cluster, timeout=300)
     for tag in ("step_00000004", "step_00000008"):
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
@@ -165,3 +168,13 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
         results = json.loads((run / "eval" / tag / "results.json").read_text())
         assert results["tag"] == tag and 0 <= results["cls"]["top1"] <= 1, results
     assert "evaluation of step_00000004 started" in rank0_log(run, job_id)
+
+
+def test_a_partition_the_cluster_rejects_is_reported_and_nothing_is_left(slurm_cluster, tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=rejected")
+    proc = run_cli(["launchers/slurm.py", "--config", CONFIG, "--gpus-per-node", "0", "--partition", "nope",
+                    "--time", "5", *overrides], check=False)
+    assert proc.returncode == 1
+    assert "sbatch refused the job, nothing was submitted" in proc.stderr and "invalid partition" in proc.stderr.lower()
+    assert not (tmp_path / "rejected").exists()
+    assert "rejected" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
