@@ -46,7 +46,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as handle:
         handle.write(text)
@@ -70,16 +70,16 @@ def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: di
     barrier()
     if dist_info.is_main:
         (root / partial / META).write_text(json.dumps(meta) + "\n")
-        _write_atomic(root / partial / MANIFEST, json.dumps(_file_digests(root / partial), indent=1) + "\n")
+        write_atomic(root / partial / MANIFEST, json.dumps(file_digests(root / partial), indent=1) + "\n")
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(root / partial, root / tag)
-        _write_atomic(root / LATEST, tag + "\n")
+        write_atomic(root / LATEST, tag + "\n")
     barrier()
     return root / tag
 
 
-def _file_digests(folder: Path) -> dict[str, dict]:
+def file_digests(folder: Path) -> dict[str, dict]:
     """Size and SHA-256 of every file under ``folder`` but the manifest, each flushed to disk on the way."""
     digests = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -100,7 +100,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no manifest (written before its files were complete?)"
     except json.JSONDecodeError as err:
         return f"unreadable manifest ({err})"
-    found = _file_digests(folder)
+    found = file_digests(folder)
     for name, entry in expected.items():
         if name not in found:
             return f"{name} is missing"

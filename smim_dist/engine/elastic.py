@@ -33,7 +33,7 @@ import torch
 from deepspeed.checkpoint import ds_to_universal
 
 from smim_dist.config import Config
-from smim_dist.engine.checkpoint import (MANIFEST, META, _file_digests, _write_atomic, checkpoint_problem,
+from smim_dist.engine.checkpoint import (MANIFEST, META, file_digests, write_atomic, checkpoint_problem,
                                          checkpoint_root, load_checkpoint)
 from smim_dist.engine.distributed import DistInfo, barrier
 from smim_dist.engine.loop import TrainState
@@ -104,5 +104,5 @@ def _convert(folder: Path) -> None:
     ds_to_universal.main(argparse.Namespace(
         input_folder=str(folder), output_folder=str(partial / folder.name), num_extract_workers=1,
         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-    _write_atomic(partial / MANIFEST, json.dumps(_file_digests(partial), indent=1) + "\n")
+    write_atomic(partial / MANIFEST, json.dumps(file_digests(partial), indent=1) + "\n")
     partial.rename(final)
