@@ -29,9 +29,10 @@ def test_each_evaluated_checkpoint_gets_one_background_knn_job(tmp_path, demo_da
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
         assert submitted["pid"] > 0
         results = wait_for(run / "eval" / tag / "results.json")
-        assert results["tag"] == tag and results["k"] == 20
+        knn = results["protocols"]["knn"]
+        assert results["tag"] == tag and knn["k"] == 20
         for feature in ("cls", "patch"):
-            assert 0 <= results[feature]["top1"] <= results[feature]["top5"] <= 1
+            assert 0 <= knn[feature]["top1"] <= knn[feature]["top5"] <= 1
     assert list((run / "eval" / "step_00000004" / "wandb").glob("offline-run-*")), "results logged to wandb"
     assert pending_evals(run) == set()
     cfg = load_config(TINY_CONFIG, overrides)

@@ -91,8 +91,9 @@ def first_eval(run_dir) -> Path:
 
 
 def test_knn_cli_writes_results_once(run_dir, first_eval, capsys):
-    results = json.loads(first_eval.read_text())
-    assert results["protocol"] == "knn" and results["tag"] == TAG and results["step"] == 4
+    stored = json.loads(first_eval.read_text())
+    assert (stored["tag"], stored["step"], list(stored["protocols"])) == (TAG, 4, ["knn"])
+    results = stored["protocols"]["knn"]
     assert (results["k"], results["temperature"]) == (20, 0.07)
     assert (results["train_samples"], results["val_samples"]) == (64, 16)
     for kind in ("cls", "patch"):
@@ -108,7 +109,7 @@ def test_knn_cli_writes_results_once(run_dir, first_eval, capsys):
 def test_two_processes_give_the_one_process_results(run_dir, first_eval, tmp_path):
     run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smim_dist.eval.cli",
              "knn", "--checkpoint", str(run_dir), "--batch-size", "3", "--out", str(tmp_path)])
-    one, two = (json.loads(path.read_text()) for path in (first_eval, tmp_path / "results.json"))
+    one, two = (json.loads(path.read_text())["protocols"]["knn"] for path in (first_eval, tmp_path / "results.json"))
     assert (two["cls"], two["patch"], two["train_samples"]) == (one["cls"], one["patch"], one["train_samples"])
 
 

@@ -23,7 +23,7 @@ from smim_dist.export import consolidated_state_dict, resolve_checkpoint
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 
 FEATURES = ("cls", "patch")
-"""cls: the [CLS] token after the final norm; patch: the mean of the patch tokens after it"""
+"""cls: the [CLS] token; patch: the mean of the patch tokens (register tokens, the other proxies, are in neither)"""
 
 
 def resolve_eval_run(path: Path, overrides: Sequence[str] = ()) -> tuple[Path, Config]:
@@ -52,11 +52,29 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def default_device() -> torch.device:
+    """This rank's GPU (torchrun and ``init_distributed`` select it), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _tokens(encoder: VisionTransformer, pixels: Tensor, block: int | None) -> Tensor:
+    """All tokens after the final norm (``block`` None), or the raw residual stream after block ``block`` (1-based):
+    the final norm belongs to the last block's output, and the linear probe normalises what it reads anyway."""
+    if block is None:
+        return encoder.forward_features(pixels)
+    intermediates = encoder.forward_intermediates(pixels, indices=[block - 1], return_prefix_tokens=True,
+                                                  stop_early=True, output_fmt="NLC", intermediates_only=True)
+    patches, prefix = cast(list[tuple[Tensor, Tensor]], intermediates)[0]
+    return torch.cat([prefix, patches], dim=1)
+
+
 @torch.no_grad()
 def extract_features(encoder: VisionTransformer, batches: Iterable[tuple[Tensor, Tensor]], num_samples: int,
-                     device: torch.device, kinds: Sequence[str] = FEATURES) -> dict[str, Tensor]:
+                     device: torch.device, kinds: Sequence[str] = FEATURES, block: int | None = None
+                     ) -> dict[str, Tensor]:
     """float32 ``[num_samples, D]`` per kind in sample order, from this rank's (uint8 images, sample indices) batches
-    and, in a process group, everyone else's. bf16 autocast on GPUs, fp32 on CPUs."""
+    and, in a process group, everyone else's; of the final tokens, or of those after block ``block`` (1-based).
+    bf16 autocast on GPUs, fp32 on CPUs."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     parts: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
@@ -64,7 +82,7 @@ def extract_features(encoder: VisionTransformer, batches: Iterable[tuple[Tensor,
     for images, indices in batches:
         pixels = (images.to(device, non_blocking=True).float() - mean) / std
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = encoder.forward_features(pixels).float()
+            tokens = _tokens(encoder, pixels, block).float()
         pooled = {"cls": tokens[:, 0], "patch": tokens[:, encoder.num_prefix_tokens:].mean(1)}
         for kind in kinds:
             parts[kind].append(pooled[kind])

@@ -3,7 +3,8 @@
 Under SLURM the job is a one-task submitit job with the training job's partition and account; anywhere else it is a
 background process in its own session. A marker, ``eval/<tag>/submitted.json``, is written before training goes on,
 so a requeued training job never submits the same evaluation twice, whether it finished, failed or still runs. The
-job itself writes ``eval/<tag>/results.json`` and logs the numbers to the run's wandb group.
+job itself stores its kNN entry in ``eval/<tag>/results.json`` (shared with any other protocol run on that checkpoint)
+and logs the numbers to the run's wandb group.
 
     python -m smim_dist.eval.jobs runs/beit_proxy/checkpoints/step_00150000   # what each job runs
 """
@@ -24,9 +25,9 @@ import yaml
 from smim_dist.config import Config
 from smim_dist.engine.checkpoint import checkpoint_root
 from smim_dist.engine.run_dir import CONFIG_FILE
+from smim_dist.eval.results import read_results
 
 SUBMITTED = "submitted.json"
-RESULTS = "results.json"
 
 
 def eval_dir(run_dir: Path, tag: str) -> Path:
@@ -34,11 +35,13 @@ def eval_dir(run_dir: Path, tag: str) -> Path:
 
 
 def pending_evals(run_dir: Path) -> set[str]:
-    """Tags whose evaluation was submitted and has written no results yet: retention keeps their checkpoints."""
+    """Tags whose evaluation was submitted and has stored no kNN results yet (another protocol's, run by hand, does
+    not count): retention keeps their checkpoints."""
     root = run_dir / "eval"
     if not root.is_dir():
         return set()
-    return {p.name for p in root.iterdir() if (p / SUBMITTED).exists() and not (p / RESULTS).exists()}
+    return {p.name for p in root.iterdir()
+            if (p / SUBMITTED).exists() and "knn" not in read_results(p)["protocols"]}
 
 
 def submit_eval(cfg: Config, tag: str, eval_slurm: dict | None) -> str:
@@ -70,7 +73,8 @@ def submit_eval(cfg: Config, tag: str, eval_slurm: dict | None) -> str:
 
 
 def evaluate(checkpoint: Path) -> dict:
-    """The job's body: kNN on the checkpoint, results into ``eval/<tag>/results.json`` and the run's wandb group."""
+    """The job's body: kNN on the checkpoint, its entry into ``eval/<tag>/results.json``, and every protocol's
+    numbers in that file to the run's wandb group."""
     from smim_dist.eval.knn import run_knn  # the evaluation stack loads in the job, not in every training process
 
     checkpoint = Path(checkpoint)
@@ -84,8 +88,8 @@ def _log_to_wandb(run_dir: Path, tag: str, results: dict) -> None:
     log_cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())["log"]
     if log_cfg["wandb_mode"] == "disabled":
         return
-    metrics = {f"eval/knn_{feature}_{key}": value for feature in ("cls", "patch")
-               for key, value in (results.get(feature) or {}).items()}
+    metrics = {f"eval/{protocol}_{feature}_{key}": value for protocol, entry in results["protocols"].items()
+               for feature in ("cls", "patch") for key, value in (entry.get(feature) or {}).items()}
     run = wandb.init(project=log_cfg["wandb_project"], entity=log_cfg["wandb_entity"],
                      group=log_cfg["wandb_group"] or run_dir.name, name=f"{run_dir.name}-eval-{tag}",
                      job_type="eval", mode=log_cfg["wandb_mode"], dir=str(eval_dir(run_dir, tag)),

@@ -166,7 +166,7 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
         wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=300)
         results = json.loads((run / "eval" / tag / "results.json").read_text())
-        assert results["tag"] == tag and 0 <= results["cls"]["top1"] <= 1, results
+        assert results["tag"] == tag and 0 <= results["protocols"]["knn"]["cls"]["top1"] <= 1, results
     assert "evaluation of step_00000004 started" in rank0_log(run, job_id)
 
 

@@ -1,0 +1,113 @@
+"""One ``results.json`` per evaluated checkpoint, shared by every protocol, and the accuracies they put in it.
+
+    {"checkpoint": "/abs/.../step_00150000", "tag": "step_00150000", "step": 150000,
+     "protocols": {"knn": {"k": 20, ..., "cls": {"top1": ..., "top5": ...}, "patch": {...}}, "linear": {...}}}
+
+Protocols finish independently (a kNN job beside training, a linear probe by hand), possibly at the same moment, so
+each one merges its own entry under an exclusive lock on the folder and replaces the file atomically: neither loses
+the other's entry, and a reader sees the old file or the whole new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from smim_dist.config import ConfigError
+from smim_dist.engine.checkpoint import META
+
+RESULTS_FILE = "results.json"
+LOCK_FILE = ".results.lock"
+HEADER = ("checkpoint", "tag", "step")
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` fills a temporary sibling of ``path``, which then replaces ``path`` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Exclusive across processes (and hosts, on file systems with working flock) for one read-merge-write."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_results(folder: Path) -> dict[str, Any]:
+    """The folder's results, ``{"protocols": {}}`` when there are none. A file from before the shared layout (kNN's
+    fields at the top level) reads as a kNN entry, so old runs are neither re-evaluated nor refused."""
+    path = folder / RESULTS_FILE
+    if not path.exists():
+        return {"protocols": {}}
+    stored = json.loads(path.read_text())
+    if "protocols" not in stored:
+        entry = {key: value for key, value in stored.items() if key not in (*HEADER, "protocol")}
+        stored = {**{key: stored.get(key) for key in HEADER}, "protocols": {stored.get("protocol", "knn"): entry}}
+    return stored
+
+
+def previous_results(folder: Path, protocol: str, tag: str, settings: Mapping[str, Any],
+                     required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The stored results if ``protocol``'s entry answers this request (same checkpoint tag, same ``settings``, every
+    ``required`` key present); None if there is no entry; an error naming the differences if it holds other results.
+    The checkpoint's path is not compared: a run directory may move."""
+    stored = read_results(folder)
+    entry = stored["protocols"].get(protocol)
+    if entry is None:
+        return None
+    differences = [f"tag: stored {stored.get('tag')!r}, asked {tag!r}"] if stored.get("tag") != tag else []
+    differences += [f"{key}: stored {entry.get(key)!r}, asked {value!r}" for key, value in settings.items()
+                    if entry.get(key) != value]
+    differences += [f"no {key} results" for key in required if key not in entry]
+    if differences:
+        raise ConfigError(f"{folder / RESULTS_FILE} holds other {protocol} results ({'; '.join(differences)}); pass "
+                          "--force to replace them or --out DIR to write elsewhere")
+    return stored
+
+
+def merge_results(folder: Path, header: Mapping[str, Any], protocol: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Store ``entry`` as ``protocol``'s results beside the other protocols' and return the whole file. Entries of
+    another checkpoint (a reused ``--out`` folder, replaced with ``--force``) are dropped rather than mixed in."""
+    with _locked(folder):
+        stored = read_results(folder)
+        protocols = stored["protocols"] if stored.get("tag") == header["tag"] else {}
+        merged = {**header, "protocols": {**protocols, protocol: dict(entry)}}
+        replace_atomically(folder / RESULTS_FILE, lambda tmp: tmp.write_text(json.dumps(merged, indent=2) + "\n"))
+    return merged
+
+
+def results_folder(checkpoint: Path, out: Path | None) -> Path:
+    """``out``, or the run's ``eval/<tag>/`` beside its ``checkpoints/<tag>/``."""
+    return Path(out) if out else checkpoint.parent.parent / "eval" / checkpoint.name
+
+
+def checkpoint_header(checkpoint: Path) -> dict[str, Any]:
+    """Which checkpoint the results are of: its absolute path, tag and training step (from its meta file)."""
+    meta = checkpoint / META
+    return {"checkpoint": str(checkpoint.resolve()), "tag": checkpoint.name,
+            "step": json.loads(meta.read_text())["step"] if meta.exists() else None}
+
+
+def top_k_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
+    """Top-1 (and top-5 where there are at least 5 classes) accuracy of class scores ``[N, C]``."""
+    num_classes = scores.shape[1]
+    hits = scores.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+    result = {"top1": hits[:, 0].float().mean().item()}
+    if num_classes >= 5:
+        result["top5"] = hits.any(dim=1).float().mean().item()
+    return result
