@@ -5,6 +5,7 @@
     smim-eval knn --checkpoint runs/demo_cpu data.path=/data/in1k_train.beton data.demo=false
     smim-eval attention --checkpoint runs/demo_cpu --layer 5 --query 3,4    # -> <run_dir>/eval/<tag>/attention/
     smim-eval linear --checkpoint runs/maskfeat_proxy --block 7             # linear probe on block 7's features
+    smim-eval seg --checkpoint runs/maskfeat_proxy --data VOCdevkit/VOC2012 # linear segmentation, block 6, 448 px
 
 Results go to <run_dir>/eval/<tag>/results.json (or --out DIR); a checkpoint already evaluated with the same settings
 is not evaluated again. One process by default; under torchrun each rank encodes a share of the images.
@@ -23,6 +24,7 @@ from smim_dist.eval.attention import run_attention
 from smim_dist.eval.features import FEATURES
 from smim_dist.eval.knn import run_knn
 from smim_dist.eval.linear_probe import ProbeRecipe, run_linear_probe
+from smim_dist.eval.linear_seg import SegRecipe, run_linear_seg
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +65,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     linear.add_argument("--out", type=Path, help="directory for results.json (default <run_dir>/eval/<tag>)")
     linear.add_argument("--force", action="store_true", help="start over, re-encoding, even if results are stored")
     linear.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
+    seg = protocols.add_parser("seg", help="linear segmentation on a frozen block's feature map (paper Table 6)")
+    seg.add_argument("--checkpoint", type=Path, required=True,
+                     help="a run directory (its latest checkpoint) or a run's checkpoints/<tag> directory")
+    seg.add_argument("--data", type=Path, help="a PascalVOC tree (VOCdevkit/VOC2012) or a demo set (default: the "
+                                               "run's demo set)")
+    seg.add_argument("--num-classes", type=int, help="classes, ignore index 255 aside (default: VOC 21, demo 7)")
+    seg.add_argument("--block", type=int, default=6, help="1-based block whose feature map is read (default 6)")
+    seg.add_argument("--epochs", type=int, default=SegRecipe.epochs, help="default %(default)s")
+    seg.add_argument("--img-size", type=int, default=SegRecipe.img_size, help="input side (default %(default)s)")
+    seg.add_argument("--batch-size", type=int, default=SegRecipe.batch_size, help="default %(default)s")
+    seg.add_argument("--lr", type=float, default=SegRecipe.lr, help="SGD lr, x0.1 after 2/3 (default %(default)s)")
+    seg.add_argument("--encode-batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    seg.add_argument("--out", type=Path, help="directory for results.json (default <run_dir>/eval/<tag>)")
+    seg.add_argument("--force", action="store_true", help="start over, re-encoding, even if results are stored")
+    seg.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
     return parser.parse_args(argv)
 
 
@@ -86,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             recipe = ProbeRecipe(args.epochs, args.warmup_epochs, args.batch_size, args.lr)
             run_linear_probe(args.checkpoint, args.out, args.block, recipe, args.overrides, args.force,
                              args.encode_batch_size)
+            return 0
+        if args.protocol == "seg":
+            recipe = SegRecipe(args.epochs, args.batch_size, args.lr, args.img_size)
+            run_linear_seg(args.checkpoint, args.out, args.block, recipe, args.data, args.num_classes, args.overrides,
+                           args.force, args.encode_batch_size)
             return 0
         run_knn(args.checkpoint, args.out, args.k, args.temperature, args.feature, args.overrides, args.force,
                 args.batch_size)

@@ -19,14 +19,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.functional import resized_crop
+from PIL import Image
+from torchvision.transforms.functional import resize, resized_crop
 
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.ffcv_loader import EVAL_CROP_RATIO, FFCVEvalLoader, check_beton
+from smim_dist.data.demo import MANIFEST, load_manifest
 from smim_dist.data.pretrain_loader import prepare_demo_data
+from smim_dist.data.segmentation import read_mask
 from smim_dist.data.shards import expand_shards
 
 SPLITS = ("train", "val")
+VOC_LAYOUT = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
+VOC_CLASSES = 21
+"""background + 20 object classes"""
+IGNORE_INDEX = 255
+"""VOC's object borders and "void": no loss, not scored"""
 
 
 @dataclass(frozen=True)
@@ -167,3 +175,76 @@ def centre_crop_loader(split: LabelledSplit, img_size: int, batch_size: int, num
         return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                           pin_memory=torch.cuda.is_available())
     return _FFCVCentreCrops(split, img_size, batch_size, num_workers, rank, world_size)
+
+
+@dataclass(frozen=True)
+class SegmentationSplit:
+    name: str
+    root: Path
+    pairs: tuple[tuple[Path, Path], ...]
+    """(image, label map) files in sample order"""
+
+
+def segmentation_splits(root: Path) -> tuple[SegmentationSplit, SegmentationSplit, int]:
+    """(train, val, class count) of a demo set (its manifest lists each image's mask; background + its shapes) or a
+    PascalVOC tree (``ImageSets/Segmentation/{train,val}.txt`` name the ids of ``JPEGImages/<id>.jpg`` and
+    ``SegmentationClass/<id>.png``); every file is checked to exist before anything is computed."""
+    if (root / MANIFEST).is_file():
+        manifest = load_manifest(root)
+        train, val = (SegmentationSplit(name, root, tuple((root / sample["image"], root / sample["mask"])
+                                                          for sample in manifest[name])) for name in SPLITS)
+        return train, val, len(manifest["class_names"]) + 1
+    missing = [name for name in VOC_LAYOUT if not (root / name).is_dir()]
+    if missing:
+        raise ConfigError(f"segmentation data {root} is neither a demo set (no {MANIFEST}) nor a PascalVOC tree (no "
+                          f"{', '.join(missing)}); pass --data VOCdevkit/VOC2012 or a demo set's directory")
+    splits = []
+    for name in SPLITS:
+        listing = root / VOC_LAYOUT[2] / f"{name}.txt"
+        ids = listing.read_text().split() if listing.is_file() else []
+        pairs = tuple((root / "JPEGImages" / f"{id_}.jpg", root / "SegmentationClass" / f"{id_}.png") for id_ in ids)
+        absent = [str(path) for pair in pairs for path in pair if not path.is_file()]
+        if not pairs or absent:
+            raise ConfigError(f"{listing}: {'no image ids' if not pairs else f'{len(absent)} files missing, e.g. '}"
+                              f"{absent[0] if absent else ''}; the {name} split needs listed ids with both files")
+        splits.append(SegmentationSplit(name, root, pairs))
+    return splits[0], splits[1], VOC_CLASSES
+
+
+def label_maps(split: SegmentationSplit, size: int, num_classes: int) -> Tensor:
+    """uint8 ``[N, size, size]`` class ids (nearest-neighbour resized, as the paper scores at a fixed 100x100); an
+    error naming the file if a map holds an id that is neither a class below ``num_classes`` nor ``IGNORE_INDEX``."""
+    maps = torch.empty(len(split.pairs), size, size, dtype=torch.uint8)
+    for i, (_, mask) in enumerate(split.pairs):
+        try:
+            ids = read_mask(mask.read_bytes())
+        except ValueError as err:
+            raise ConfigError(f"{mask}: {err}") from None
+        bad = np.setdiff1d(np.unique(ids), [*range(num_classes), IGNORE_INDEX])
+        if bad.size:
+            raise ConfigError(f"{mask} holds class ids {bad.tolist()[:5]}, outside 0..{num_classes - 1} (and "
+                              f"{IGNORE_INDEX}, ignored); pass the data set's class count with --num-classes")
+        maps[i] = torch.from_numpy(np.array(Image.fromarray(ids).resize((size, size), Image.Resampling.NEAREST)))
+    return maps
+
+
+class _WholeImages(Dataset):
+    """Whole images squashed to ``img_size`` x ``img_size``, as ``FFCVSegmentationLoader`` gives them: the label
+    maps are resized whole too, so every patch stays aligned with its pixels."""
+
+    def __init__(self, split: SegmentationSplit, img_size: int):
+        self.split, self.img_size = split, img_size
+
+    def __len__(self) -> int:
+        return len(self.split.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = decode_image(str(self.split.pairs[index][0]), mode=ImageReadMode.RGB)
+        return resize(image, [self.img_size, self.img_size], antialias=True), index
+
+
+def whole_image_loader(split: SegmentationSplit, img_size: int, batch_size: int,
+                       num_workers: int) -> DataLoader:
+    """(uint8 images [B, 3, S, S], sample indices [B]) in sample order."""
+    return DataLoader(_WholeImages(split, img_size), batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available())

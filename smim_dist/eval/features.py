@@ -20,6 +20,7 @@ from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.engine.run_dir import CONFIG_FILE
 from smim_dist.export import consolidated_state_dict, resolve_checkpoint
+from smim_dist.models.sizes import vit_size
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 
 FEATURES = ("cls", "patch")
@@ -37,6 +38,14 @@ def resolve_eval_run(path: Path, overrides: Sequence[str] = ()) -> tuple[Path, C
     if overrides:
         cfg = load_config(checkpoint.parent.parent / CONFIG_FILE, list(overrides))
     return checkpoint, cfg
+
+
+def check_block(block: int, cfg: Config) -> None:
+    """Refuse a block the encoder does not have, before anything is loaded (the paper reads blocks 6-7 of 12)."""
+    depth = vit_size(cfg.model.size).depth
+    if not 1 <= block <= depth:
+        raise ConfigError(f"--block {block}: the encoder (model.size={cfg.model.size}) has depth {depth}, so the "
+                          f"block must be 1..{depth} (1-based; the paper reads block 7 of ViT-B's 12)")
 
 
 def load_encoder(checkpoint: Path, cfg: Config, device: torch.device) -> VisionTransformer:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +28,12 @@ from torch import Tensor, nn
 from smim_dist.config import Config, ConfigError
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.eval.data import LabelledSplit, centre_crop_loader, eval_splits
-from smim_dist.eval.features import (FEATURES, default_device, extract_features, load_encoder, rank_and_world,
-                                     resolve_eval_run)
-from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, previous_results,
+from smim_dist.eval.features import (FEATURES, check_block, default_device, extract_features, load_encoder,
+                                     rank_and_world, resolve_eval_run)
+from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
                                     replace_atomically, results_folder, top_k_accuracy)
-from smim_dist.models.sizes import vit_size
 
 PROBE_DIR = "linear"
-STATE_FILE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ def _cached_features(checkpoint: Path, cfg: Config, splits: Sequence[LabelledSpl
     keys = [{"tag": checkpoint.name, "block": block, "data": str(split.path.resolve()),
              "samples": split.num_samples, "img_size": cfg.model.img_size} for split in splits]
     files = [folder / PROBE_DIR / f"features_block{block:02d}_{split.name}.pt" for split in splits]
-    features = [_read_cache(file, key) if use_cache else None for file, key in zip(files, keys)]
+    features = [read_cache(file, key) if use_cache else None for file, key in zip(files, keys)]
     missing = [i for i, found in enumerate(features) if found is None]
     if not missing:
         say(f"features after block {block} read from {files[0].parent}")
@@ -148,20 +146,6 @@ def _cached_features(checkpoint: Path, cfg: Config, splits: Sequence[LabelledSpl
     return cast(list[dict[str, Tensor]], features)
 
 
-def _read_cache(file: Path, key: dict[str, Any]) -> dict[str, Tensor] | None:
-    if not file.exists():
-        return None
-    cache = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    return cache["features"] if cache["key"] == key else None
-
-
-def _check_block(block: int, cfg: Config) -> None:
-    depth = vit_size(cfg.model.size).depth
-    if not 1 <= block <= depth:
-        raise ConfigError(f"--block {block}: the encoder (model.size={cfg.model.size}) has depth {depth}, so the "
-                          f"block must be 1..{depth} (1-based; the paper reads block 7 of ViT-B's 12)")
-
-
 def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, recipe: ProbeRecipe = ProbeRecipe(),
                      overrides: Sequence[str] = (), force: bool = False, encode_batch_size: int = 128,
                      device: torch.device | None = None, log: Callable[[str], None] = print) -> dict | None:
@@ -175,7 +159,7 @@ def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, 
     if encode_batch_size < 1:
         raise ConfigError(f"--encode-batch-size {encode_batch_size}: a batch needs at least 1 image")
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
-    _check_block(block, cfg)
+    check_block(block, cfg)
     train, val = eval_splits(cfg)
     if train.num_samples < 2:
         raise ConfigError(f"{train.path} holds {train.num_samples} image; BatchNorm needs at least 2 to train on")
@@ -184,13 +168,10 @@ def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, 
     folder = results_folder(checkpoint, out)
     settings = {"block": block, **asdict(recipe), "lr": recipe.peak_lr, "seed": cfg.seed,
                 "train_data": str(train.path.resolve()), "val_data": str(val.path.resolve())}
-    previous = None if force else previous_results(folder, "linear", checkpoint.name, settings, FEATURES)
+    previous, state_file, state_key, resume = prior_work(folder, "linear", "linear probe", PROBE_DIR, checkpoint.name,
+                                                         settings, FEATURES, force, say)
     if previous is not None:
-        say(f"linear-probe results for {checkpoint} are already in {folder / RESULTS_FILE}; nothing to do "
-            "(--force recomputes)")
         return previous
-    state_file, state_key = folder / PROBE_DIR / STATE_FILE, {"tag": checkpoint.name, **settings}
-    resume = None if force else _resume_state(state_file, state_key)
 
     device = device or default_device()
     features = _cached_features(checkpoint, cfg, (train, val), block, folder, encode_batch_size, device, not force,
@@ -214,15 +195,3 @@ def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, 
         + ", ".join(f"{kind} top-1 {entry[kind]['top1']:.4f}" for kind in FEATURES) + f"; wrote {folder / RESULTS_FILE}")
     return results
 
-
-def _resume_state(state_file: Path, settings: dict[str, Any]) -> dict | None:
-    """The saved progress of this very probe; an error if the folder holds the progress of another."""
-    if not state_file.exists():
-        return None
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    if state["settings"] != settings:
-        differences = [f"{key}: saved {state['settings'].get(key)!r}, asked {value!r}" for key, value in
-                       settings.items() if state["settings"].get(key) != value]
-        raise ConfigError(f"{state_file} holds the progress of another linear probe ({'; '.join(differences)}); "
-                          "pass --force to start over or --out DIR to probe elsewhere")
-    return state

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from smim_dist.config import ConfigError
@@ -101,6 +102,43 @@ def checkpoint_header(checkpoint: Path) -> dict[str, Any]:
     meta = checkpoint / META
     return {"checkpoint": str(checkpoint.resolve()), "tag": checkpoint.name,
             "step": json.loads(meta.read_text())["step"] if meta.exists() else None}
+
+
+def read_cache(file: Path, key: Mapping[str, Any], field: str = "features") -> Any | None:
+    """``field`` of a cache file that ``torch.save`` wrote as ``{"key": key, field: ...}``; None when the file is
+    missing or was written for another key (another checkpoint, block, data or size), which the caller recomputes."""
+    if not file.exists():
+        return None
+    cache = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return cache[field] if cache["key"] == key else None
+
+
+def _resume_state(state_file: Path, settings: Mapping[str, Any], what: str) -> dict | None:
+    """The saved per-epoch progress of this very training (``{"settings": settings, ...}``); an error if the folder
+    holds the progress of another one, which continuing would silently mix into this one's results."""
+    if not state_file.exists():
+        return None
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if state["settings"] != settings:
+        differences = [f"{key}: saved {state['settings'].get(key)!r}, asked {value!r}" for key, value in
+                       settings.items() if state["settings"].get(key) != value]
+        raise ConfigError(f"{state_file} holds the progress of another {what} ({'; '.join(differences)}); "
+                          "pass --force to start over or --out DIR to write elsewhere")
+    return state
+
+
+def prior_work(folder: Path, protocol: str, what: str, subdir: str, tag: str, settings: Mapping[str, Any],
+               required: tuple[str, ...], force: bool, say: Callable[[str], None]
+               ) -> tuple[dict[str, Any] | None, Path, dict[str, Any], dict | None]:
+    """What an earlier run of a trained protocol left in ``folder``: its stored results when they answer this request
+    (then there is nothing to do), the file its per-epoch progress goes to (``<subdir>/state.pt``), that progress's
+    key and the progress to continue from. ``force`` ignores both."""
+    previous = None if force else previous_results(folder, protocol, tag, settings, required)
+    if previous is not None:
+        say(f"{what} results for {tag} are already in {folder / RESULTS_FILE}; nothing to do (--force recomputes)")
+    state_file, state_key = folder / subdir / "state.pt", {"tag": tag, **settings}
+    resume = None if force or previous is not None else _resume_state(state_file, state_key, what)
+    return previous, state_file, state_key, resume
 
 
 def top_k_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
