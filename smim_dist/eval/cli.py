@@ -1,14 +1,15 @@
-"""``smim-eval``: evaluation protocols on a pre-training checkpoint's frozen encoder.
+"""``smim-eval``: evaluation protocols on a pre-training checkpoint's encoder.
 
     smim-eval knn --checkpoint runs/maskfeat_proxy                        # the run's latest checkpoint
     smim-eval knn --checkpoint runs/maskfeat_proxy/checkpoints/step_00150000 --feature cls --k 20
     smim-eval knn --checkpoint runs/demo_cpu data.path=/data/in1k_train.beton data.demo=false
-    smim-eval attention --checkpoint runs/demo_cpu --layer 5 --query 3,4    # -> <run_dir>/eval/<tag>/attention/
-    smim-eval linear --checkpoint runs/maskfeat_proxy --block 7             # linear probe on block 7's features
+    smim-eval linear --checkpoint runs/maskfeat_proxy --config configs/eval/linear.yaml --epochs 50
     smim-eval seg --checkpoint runs/maskfeat_proxy --data VOCdevkit/VOC2012 # linear segmentation, block 6, 448 px
+    smim-eval attention --checkpoint runs/demo_cpu --layer 5 --query 3,4    # -> <run_dir>/eval/<tag>/attention/
 
 Results go to <run_dir>/eval/<tag>/results.json (or --out DIR); a checkpoint already evaluated with the same settings
-is not evaluated again. One process by default; under torchrun each rank encodes a share of the images.
+is not evaluated again. --config YAML sets a protocol's options (keys: the option names, `overrides`: a list of data.*
+overrides); options on the command line win. One process by default; under torchrun each rank takes a share.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from smim_dist.config import ConfigError
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.eval.attention import run_attention
@@ -26,35 +29,47 @@ from smim_dist.eval.knn import run_knn
 from smim_dist.eval.linear_probe import ProbeRecipe, run_linear_probe
 from smim_dist.eval.linear_seg import SegRecipe, run_linear_seg
 
+CONFIG_OVERRIDES = "overrides"
+"""the --config key holding data.* overrides of the run's config"""
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", type=Path, required=True,
+                        help="a run directory (its latest checkpoint) or a run's checkpoints/<tag> directory")
+    common.add_argument("--config", type=Path, help="a YAML file of this protocol's options (configs/eval/)")
+    common.add_argument("--out", type=Path, help="output directory (default <run_dir>/eval/<tag>)")
+    common.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
+    return common
+
+
+def _force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="start over, recomputing, even if results are stored")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="smim-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     protocols = parser.add_subparsers(dest="protocol", required=True)
-    knn = protocols.add_parser("knn", help="weighted k-nearest-neighbour classification (DINO protocol)")
-    knn.add_argument("--checkpoint", type=Path, required=True,
-                     help="a run directory (its latest checkpoint) or a run's checkpoints/<tag> directory")
+    common = _common_options()
+
+    knn = protocols.add_parser("knn", parents=[common],
+                               help="weighted k-nearest-neighbour classification (DINO protocol)")
     knn.add_argument("--feature", choices=(*FEATURES, "both"), default="both",
                      help="cls: the [CLS] token; patch: the mean patch token; both (default) reports each")
     knn.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
     knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T) (default 0.07)")
-    knn.add_argument("--out", type=Path, help="directory for results.json (default <run_dir>/eval/<tag>)")
     knn.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    knn.add_argument("--force", action="store_true", help="recompute even if results.json holds these results")
-    knn.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
-    attention = protocols.add_parser("attention",
+    _force(knn)
+
+    attention = protocols.add_parser("attention", parents=[common],
                                      help="attention maps and mean attention distance (paper Fig. 1, 7-9, 13)")
-    attention.add_argument("--checkpoint", type=Path, required=True,
-                           help="a run directory (its latest checkpoint) or a run's checkpoints/<tag> directory")
     attention.add_argument("--layer", type=int, help="0-based block of the attention maps (default: the last)")
     attention.add_argument("--images", type=int, default=64, help="val images averaged over (default 64)")
     attention.add_argument("--query", type=_patch, help="ROW,COL of the query patch, 0-based (default: the centre)")
-    attention.add_argument("--out", type=Path, help="output directory (default <run_dir>/eval/<tag>/attention)")
-    attention.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
-    linear = protocols.add_parser("linear",
+
+    linear = protocols.add_parser("linear", parents=[common],
                                   help="linear probe on frozen features after a block (paper Table 1, CLS and Patch)")
-    linear.add_argument("--checkpoint", type=Path, required=True,
-                        help="a run directory (its latest checkpoint) or a run's checkpoints/<tag> directory")
     linear.add_argument("--block", type=int, default=7, help="1-based block whose output is probed (default 7)")
     linear.add_argument("--epochs", type=int, default=ProbeRecipe.epochs, help="default %(default)s")
     linear.add_argument("--warmup-epochs", type=int, default=ProbeRecipe.warmup_epochs, help="default %(default)s")
@@ -62,12 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     linear.add_argument("--batch-size", type=int, default=ProbeRecipe.batch_size,
                         help="cached features per head step (default %(default)s)")
     linear.add_argument("--encode-batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    linear.add_argument("--out", type=Path, help="directory for results.json (default <run_dir>/eval/<tag>)")
-    linear.add_argument("--force", action="store_true", help="start over, re-encoding, even if results are stored")
-    linear.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
-    seg = protocols.add_parser("seg", help="linear segmentation on a frozen block's feature map (paper Table 6)")
-    seg.add_argument("--checkpoint", type=Path, required=True,
-                     help="a run directory (its latest checkpoint) or a run's checkpoints/<tag> directory")
+    _force(linear)
+
+    seg = protocols.add_parser("seg", parents=[common],
+                               help="linear segmentation on a frozen block's feature map (paper Table 6)")
     seg.add_argument("--data", type=Path, help="a PascalVOC tree (VOCdevkit/VOC2012) or a demo set (default: the "
                                                "run's demo set)")
     seg.add_argument("--num-classes", type=int, help="classes, ignore index 255 aside (default: VOC 21, demo 7)")
@@ -77,10 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     seg.add_argument("--batch-size", type=int, default=SegRecipe.batch_size, help="default %(default)s")
     seg.add_argument("--lr", type=float, default=SegRecipe.lr, help="SGD lr, x0.1 after 2/3 (default %(default)s)")
     seg.add_argument("--encode-batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    seg.add_argument("--out", type=Path, help="directory for results.json (default <run_dir>/eval/<tag>)")
-    seg.add_argument("--force", action="store_true", help="start over, re-encoding, even if results are stored")
-    seg.add_argument("overrides", nargs="*", help="data.* overrides of the run's config, e.g. data.path=...")
-    return parser.parse_args(argv)
+    _force(seg)
+    return parser, {"knn": knn, "attention": attention, "linear": linear, "seg": seg}
 
 
 def _patch(text: str) -> tuple[int, int]:
@@ -91,26 +102,72 @@ def _patch(text: str) -> tuple[int, int]:
     return row, col
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def config_arguments(path: Path, protocol: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """The command-line tokens a --config file stands for, and its data overrides. Turning the file into tokens
+    gives its values argparse's own type and choice checks, and lets the options typed after it win."""
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            init_distributed()
-        if args.protocol == "attention":
-            run_attention(args.checkpoint, args.out, args.layer, args.images, args.query, args.overrides)
-            return 0
-        if args.protocol == "linear":
-            recipe = ProbeRecipe(args.epochs, args.warmup_epochs, args.batch_size, args.lr)
-            run_linear_probe(args.checkpoint, args.out, args.block, recipe, args.overrides, args.force,
-                             args.encode_batch_size)
-            return 0
-        if args.protocol == "seg":
-            recipe = SegRecipe(args.epochs, args.batch_size, args.lr, args.img_size)
-            run_linear_seg(args.checkpoint, args.out, args.block, recipe, args.data, args.num_classes, args.overrides,
-                           args.force, args.encode_batch_size)
-            return 0
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--config {path}: cannot read it as YAML ({err})") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+    options = {action.dest: action for action in protocol._actions
+               if action.option_strings and action.dest not in ("help", "config", "checkpoint")}
+    unknown = sorted(set(values) - set(options) - {CONFIG_OVERRIDES})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)} for `smim-eval {protocol.prog.split()[-1]}`;"
+                          f" valid keys: {', '.join(sorted(options))}, {CONFIG_OVERRIDES}")
+    overrides = values.pop(CONFIG_OVERRIDES, None) or []
+    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
+        raise ConfigError(f"--config {path}: `{CONFIG_OVERRIDES}` must be a list of key=value strings, got {overrides!r}")
+    tokens: list[str] = []
+    for key, value in values.items():
+        flag = options[key].option_strings[-1]
+        if isinstance(options[key], argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path}: `{key}` is a switch; give true or false, not {value!r}")
+            tokens += [flag] if value else []
+        elif value is not None:
+            tokens += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return tokens, overrides
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser, protocols = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    tokens, overrides = config_arguments(args.config, protocols[args.protocol])
+    at = argv.index(args.protocol) + 1
+    args = parser.parse_args([*argv[:at], *tokens, *argv[at:]])
+    args.overrides = [*overrides, *args.overrides]
+    return args
+
+
+def run_protocol(args: argparse.Namespace) -> None:
+    if args.protocol == "attention":
+        run_attention(args.checkpoint, args.out, args.layer, args.images, args.query, args.overrides)
+    elif args.protocol == "linear":
+        recipe = ProbeRecipe(args.epochs, args.warmup_epochs, args.batch_size, args.lr)
+        run_linear_probe(args.checkpoint, args.out, args.block, recipe, args.overrides, args.force,
+                         args.encode_batch_size)
+    elif args.protocol == "seg":
+        recipe = SegRecipe(args.epochs, args.batch_size, args.lr, args.img_size)
+        run_linear_seg(args.checkpoint, args.out, args.block, recipe, args.data, args.num_classes, args.overrides,
+                       args.force, args.encode_batch_size)
+    else:
         run_knn(args.checkpoint, args.out, args.k, args.temperature, args.feature, args.overrides, args.force,
                 args.batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            init_distributed()
+        run_protocol(args)
     except (FileNotFoundError, ConfigError, ValueError) as err:
         print(f"smim-eval: {err}", file=sys.stderr)
         return 2
