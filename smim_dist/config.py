@@ -157,8 +157,13 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 0
-    """after the checkpoint closing every N-th epoch, start a separate kNN evaluation job on it (0: never); it runs
+    """after the checkpoint closing every N-th epoch, start a separate evaluation job on it (0: never); it runs
     beside training (a SLURM job under SLURM, a background process otherwise) and never delays or stops it"""
+    protocols: tuple[str, ...] = ("knn",)
+    """the ``smim-eval`` protocols each job runs, in order (fine-tuning and UperNet are jobs of their own)"""
+    config_dir: str | None = None
+    """a folder of ``<protocol>.yaml`` option files (e.g. configs/eval) the jobs pass as ``--config``; a protocol
+    without a file there runs with its defaults"""
 
 
 @dataclass
@@ -187,6 +192,9 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+JOB_PROTOCOLS = ("knn", "linear", "seg", "attention")
+"""the protocols an evaluation job beside training may run: those that leave the encoder frozen"""
+
 CHOICES = {
     "model.size": tuple(VIT_SIZES),
     "model.mode": ("proxy", "vanilla"),
@@ -213,6 +221,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
     if origin is tuple:
         item_types = typing.get_args(annotation)
+        if item_types[-1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+            return tuple(_coerce(v, item_types[0], f"{where}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{where}: expected a list of {len(item_types)} values, got {value!r}")
         return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
@@ -375,6 +387,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}, keep_last="
                           f"{cfg.checkpoint.keep_last} must be >= 1 and keep_every_epochs="
                           f"{cfg.checkpoint.keep_every_epochs} >= 0")
+    unknown = [name for name in cfg.eval.protocols if name not in JOB_PROTOCOLS]
+    if unknown or not cfg.eval.protocols or len(set(cfg.eval.protocols)) < len(cfg.eval.protocols):
+        raise ConfigError(f"eval.protocols={list(cfg.eval.protocols)}: list each once, from {', '.join(JOB_PROTOCOLS)}")
+    if cfg.eval.config_dir is not None and not Path(cfg.eval.config_dir).is_dir():
+        raise ConfigError(f"eval.config_dir={cfg.eval.config_dir}: no such folder; point it at a folder of "
+                          "<protocol>.yaml files such as configs/eval, or leave it unset")
     if cfg.eval.every_epochs < 0 or cfg.eval.every_epochs % cfg.checkpoint.every_epochs:
         raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs}: evaluations run on checkpoints, so it must be 0 "
                           f"(none) or a multiple of checkpoint.every_epochs={cfg.checkpoint.every_epochs}")

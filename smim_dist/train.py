@@ -64,7 +64,7 @@ def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainStat
     if every and epoch_closed and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
         logger.info(submit_eval(cfg, path.name, eval_slurm))
     prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs,
-                      keep=pending_evals(cfg.run_dir))
+                      keep=pending_evals(cfg.run_dir, cfg.eval.protocols))
 
 
 def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_slurm: dict | None = None) -> TrainState:

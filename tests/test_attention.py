@@ -4,7 +4,6 @@ refusal of bad input before any compute."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from smim_dist.eval.attention import (attention_modules, attention_weights, capt
 from smim_dist.eval.cli import main
 from smim_dist.models.timm_export import create_timm_encoder
 
-from conftest import run_cli, tiny_overrides, train_cli
+from conftest import run_cli
 
 TAG = "step_00000004"
 """one epoch of the tiny config: 64 images / global batch 16"""
@@ -86,13 +85,6 @@ def test_weights_respect_qk_norm():
         torch.testing.assert_close(_output_from_weights(attn, x, attention_weights(attn, attn.qkv(x))), attn(x))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_data) -> Path:
-    out = tmp_path_factory.mktemp("attention_runs")
-    train_cli(1, "configs/demo_cpu.yaml", tiny_overrides(out, demo_data, "run_name=tiny", "optim.epochs=1"))
-    return out / "tiny"
-
-
 def test_attention_cli_writes_json_and_figures(run_dir):
     run_cli(["-m", "smim_dist.eval.cli", "attention", "--checkpoint", str(run_dir), "--images", "6"])
     out = run_dir / "eval" / TAG / "attention"
@@ -118,6 +110,11 @@ def test_attention_cli_writes_json_and_figures(run_dir):
         with Image.open(out / name) as image:
             image.verify()
             assert image.format == "PNG"
+    entry = json.loads((run_dir / "eval" / TAG / "results.json").read_text())["protocols"]["attention"]
+    assert entry["mean_distance_px"] == pytest.approx([sum(row) / 3 for row in distances], abs=1e-4)
+    assert entry["prefix_entropy"] == pytest.approx(
+        {token["token"]: token["mean_entropy"] / results["max_entropy"] for token in results["prefix_mean"]}, abs=1e-6)
+    assert (entry["layer"], entry["images"], entry["figures"]) == (3, 6, str(out))
 
 
 def _refused(capsys, *argv: str) -> str:

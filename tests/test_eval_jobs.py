@@ -1,26 +1,34 @@
 """Evaluation jobs beside training outside SLURM: background processes, results per checkpoint, never submitted twice."""
 
 import json
+import re
 import time
 
+import pytest
+
 from conftest import losses, tiny_overrides, train_cli
-from smim_dist.config import load_config
-from smim_dist.eval.jobs import pending_evals, submit_eval
+from smim_dist.config import ConfigError, load_config
+from smim_dist.eval.jobs import pending_evals, submit_eval, wandb_metrics
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
 
-def wait_for(path, timeout=300):
+def wait_for(path, protocols, timeout=300):
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+    while not (path.exists() and set(protocols) <= set(json.loads(path.read_text())["protocols"])):
+        assert time.monotonic() < deadline, f"{path} did not hold {protocols} in {timeout} s"
         time.sleep(0.5)
     return json.loads(path.read_text())
 
 
-def test_each_evaluated_checkpoint_gets_one_background_knn_job(tmp_path, demo_data):
+def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configured_protocols(tmp_path, demo_data):
+    options = tmp_path / "eval_options"
+    options.mkdir()
+    (options / "knn.yaml").write_text("k: 5\n")
+    (options / "attention.yaml").write_text("images: 4\nlayer: 1\n")
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=evaluated", "checkpoint.every_epochs=1",
-                               "checkpoint.keep_last=1", "eval.every_epochs=1", "log.wandb_mode=offline")
+                               "checkpoint.keep_last=1", "eval.every_epochs=1", "log.wandb_mode=offline",
+                               "eval.protocols=[knn,attention]", f"eval.config_dir={options}")
     proc = train_cli(1, TINY_CONFIG, overrides)
     run = tmp_path / "evaluated"
     assert len(losses(run)) == 8, "training did not wait for the evaluations"
@@ -28,13 +36,14 @@ def test_each_evaluated_checkpoint_gets_one_background_knn_job(tmp_path, demo_da
         assert f"evaluation of {tag} started" in proc.stderr
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
         assert submitted["pid"] > 0
-        results = wait_for(run / "eval" / tag / "results.json")
-        knn = results["protocols"]["knn"]
-        assert results["tag"] == tag and knn["k"] == 20
+        results = wait_for(run / "eval" / tag / "results.json", ("knn", "attention"))
+        knn, attention = results["protocols"]["knn"], results["protocols"]["attention"]
+        assert results["tag"] == tag and knn["k"] == 5 and (attention["images"], attention["layer"]) == (4, 1)
         for feature in ("cls", "patch"):
             assert 0 <= knn[feature]["top1"] <= knn[feature]["top5"] <= 1
     assert list((run / "eval" / "step_00000004" / "wandb").glob("offline-run-*")), "results logged to wandb"
-    assert pending_evals(run) == set()
+    assert pending_evals(run, ("knn", "attention")) == set()
+    assert pending_evals(run, ("knn", "linear")) == {"step_00000004", "step_00000008"}
     cfg = load_config(TINY_CONFIG, overrides)
     again = submit_eval(cfg, "step_00000004", eval_slurm=None)
     assert "was submitted before" in again and "not submitted again" in again
@@ -49,3 +58,20 @@ def test_an_evaluation_that_cannot_start_never_stops_training(tmp_path, demo_dat
     proc = train_cli(1, TINY_CONFIG, overrides)
     assert "evaluation of step_00000004 could not be started" in proc.stderr and "training goes on" in proc.stderr
     assert (cfg.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_scores_reach_wandb_under_flat_names():
+    results = {"protocols": {"knn": {"k": 20, "cls": {"top1": 0.5, "top5": 0.9}, "patch": {"top1": 0.4}},
+                             "seg": {"block": 6, "miou": 0.3, "pixel_acc": 0.8, "per_class_iou": [0.1, None]},
+                             "attention": {"layer": 3, "mean_distance_px": [1.0, 2.0]}}}
+    assert wandb_metrics(results) == {"eval/knn_cls_top1": 0.5, "eval/knn_cls_top5": 0.9, "eval/knn_patch_top1": 0.4,
+                                      "eval/seg_miou": 0.3, "eval/seg_pixel_acc": 0.8}
+
+
+def test_eval_protocols_are_checked_when_the_config_loads(tmp_path):
+    for value, expected in (("[knn,finetune]", "eval.protocols=['knn', 'finetune']"),
+                            ("[knn,knn]", "list each once"), ("[]", "list each once")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(TINY_CONFIG, [f"eval.protocols={value}"])
+    with pytest.raises(ConfigError, match="eval.config_dir=.*no such folder"):
+        load_config(TINY_CONFIG, [f"eval.config_dir={tmp_path / 'missing'}"])

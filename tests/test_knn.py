@@ -14,7 +14,7 @@ from smim_dist.eval.cli import main
 from smim_dist.eval.data import centre_crop_loader, eval_splits
 from smim_dist.eval.knn import knn_accuracy, knn_scores
 
-from conftest import REPO, run_cli, tiny_overrides, train_cli
+from conftest import REPO, run_cli, tiny_overrides
 
 TAG = "step_00000004"
 """one epoch of the tiny config: 64 images / global batch 16"""
@@ -74,13 +74,6 @@ def test_image_tree_and_beton_give_the_same_centre_crops(tmp_path, demo_data):
     shared = images["ffcv"][1::2]
     assert shared.mean() > 20 and (shared - images["imagefolder"][1::2]).abs().mean() < 4
     assert images["ffcv"][0::2].abs().sum() == 0 == images["imagefolder"][0::2].abs().sum()
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_data) -> Path:
-    out = tmp_path_factory.mktemp("knn_runs")
-    train_cli(1, "configs/demo_cpu.yaml", tiny_overrides(out, demo_data, "run_name=tiny", "optim.epochs=1"))
-    return out / "tiny"
 
 
 @pytest.fixture(scope="module")

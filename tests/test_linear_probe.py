@@ -13,7 +13,7 @@ from smim_dist.eval.cli import main
 from smim_dist.eval.linear_probe import ProbeRecipe, head_accuracy, train_heads
 from smim_dist.eval.results import merge_results, read_results
 
-from conftest import run_cli, tiny_overrides, train_cli
+from conftest import run_cli, run_dir  # noqa: F401  (the tiny run fixture, imported by other eval tests)
 
 TAG = "step_00000004"
 """one epoch of the tiny config: 64 images / global batch 16"""
@@ -77,13 +77,6 @@ def test_a_results_file_of_the_old_layout_reads_as_knn(tmp_path):
                                                        "k": 20, "cls": {"top1": 0.5}}))
     assert read_results(tmp_path) == {"checkpoint": "/c", "tag": TAG, "step": 4,
                                       "protocols": {"knn": {"k": 20, "cls": {"top1": 0.5}}}}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_data) -> Path:
-    out = tmp_path_factory.mktemp("linear_runs")
-    train_cli(1, "configs/demo_cpu.yaml", tiny_overrides(out, demo_data, "run_name=tiny", "optim.epochs=1"))
-    return out / "tiny"
 
 
 PROBE = ["--block", "2", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--encode-batch-size", "8"]

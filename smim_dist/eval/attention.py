@@ -32,7 +32,7 @@ from smim_dist.engine.checkpoint import write_atomic
 from smim_dist.eval.attention_plots import render_figures
 from smim_dist.eval.data import centre_crop_loader, eval_splits
 from smim_dist.eval.features import default_device, load_encoder, resolve_eval_run
-from smim_dist.eval.results import checkpoint_header, results_folder
+from smim_dist.eval.results import checkpoint_header, merge_results, results_folder
 from smim_dist.models.encoder import image_grid
 from smim_dist.models.sizes import vit_size
 
@@ -41,6 +41,7 @@ SHOWN_IMAGES = 4
 BATCH = 8
 """images per forward pass: every layer's attention of a batch is held at once (ViT-B/16: ~24 MB per image)"""
 RESULTS_FILE = "attention.json"
+ATTENTION_DIR = "attention"
 
 
 def attention_weights(attn: Attention, qkv: Tensor) -> Tensor:
@@ -165,12 +166,23 @@ def _analyse(encoder: VisionTransformer, batches: Iterable[tuple[Tensor, Tensor]
     return totals, shown, pixels
 
 
+def summary(results: dict, out_dir: Path) -> dict:
+    """The numbers worth comparing across checkpoints, for ``results.json``: per layer the head-averaged mean attention
+    distance (Fig. 13), and per prefix token the entropy of its maps relative to uniform attention (Fig. 9)."""
+    return {"layer": results["layer"], "images": results["images"], "query": results["query"],
+            "mean_distance_px": [round(sum(row) / len(row), 4) for row in results["mean_distance_px"]],
+            "prefix_entropy": {item["token"]: round(item["mean_entropy"] / results["max_entropy"], 6)
+                               for item in results["prefix_mean"]},
+            "figures": str(out_dir), "seconds": results["seconds"]}
+
+
 def run_attention(checkpoint: Path, out: Path | None = None, layer: int | None = None, images: int = 64,
                   query: tuple[int, int] | None = None, overrides: Sequence[str] = (),
                   device: torch.device | None = None, log: Callable[[str], None] = print) -> dict:
     """Analyse the first ``images`` val images of a run's latest (or a ``checkpoints/<tag>``) checkpoint; write
-    ``attention.json`` and PNGs to ``out`` (default ``<run_dir>/eval/<tag>/attention/``) and return the results.
-    Every input is checked before the model is loaded."""
+    ``attention.json`` and PNGs to ``<out>/attention/`` (``out`` defaults to ``<run_dir>/eval/<tag>``), a summary into
+    ``<out>/results.json`` beside the other protocols', and return the full results. Every input is checked before
+    the model is loaded."""
     start = time.perf_counter()
     if images <= 0:
         raise ConfigError(f"--images {images}: the analyses need at least 1 image")
@@ -179,7 +191,8 @@ def run_attention(checkpoint: Path, out: Path | None = None, layer: int | None =
     val = eval_splits(cfg)[1]
     if images > val.num_samples:
         raise ConfigError(f"--images {images} is more than the {val.num_samples} val images in {val.path}")
-    out_dir = Path(out) if out else results_folder(checkpoint, None) / "attention"
+    folder = results_folder(checkpoint, out)
+    out_dir = folder / ATTENTION_DIR
 
     device = device or default_device()
     encoder = load_encoder(checkpoint, cfg, device)
@@ -203,6 +216,7 @@ def run_attention(checkpoint: Path, out: Path | None = None, layer: int | None =
     results["figures"] = render_figures(out_dir, results, pixels)
     results["seconds"] = round(time.perf_counter() - start, 2)
     write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
+    merge_results(folder, checkpoint_header(checkpoint), "attention", summary(results, out_dir))
     log(f"attention of {checkpoint} (step {results['step']}, layer {layer}, {totals.images} images): wrote "
         f"{out_dir / RESULTS_FILE} and {len(results['figures'])} figures")
     return results

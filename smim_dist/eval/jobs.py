@@ -3,8 +3,8 @@
 Under SLURM the job is a one-task submitit job with the training job's partition and account; anywhere else it is a
 background process in its own session. A marker, ``eval/<tag>/submitted.json``, is written before training goes on,
 so a requeued training job never submits the same evaluation twice, whether it finished, failed or still runs. The
-job itself stores its kNN entry in ``eval/<tag>/results.json`` (shared with any other protocol run on that checkpoint)
-and logs the numbers to the run's wandb group.
+job runs the run's ``eval.protocols`` (kNN by default) through ``smim-eval``, each storing its entry in
+``eval/<tag>/results.json``, and logs the numbers to the run's wandb group.
 
     python -m smim_dist.eval.jobs runs/beit_proxy/checkpoints/step_00150000   # what each job runs
 """
@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import submitit
@@ -28,20 +29,21 @@ from smim_dist.engine.run_dir import CONFIG_FILE
 from smim_dist.eval.results import read_results
 
 SUBMITTED = "submitted.json"
+SCORES = ("top1", "top5", "miou", "pixel_acc")
 
 
 def eval_dir(run_dir: Path, tag: str) -> Path:
     return run_dir / "eval" / tag
 
 
-def pending_evals(run_dir: Path) -> set[str]:
-    """Tags whose evaluation was submitted and has stored no kNN results yet (another protocol's, run by hand, does
-    not count): retention keeps their checkpoints."""
+def pending_evals(run_dir: Path, protocols: Sequence[str]) -> set[str]:
+    """Tags whose evaluation was submitted and has not stored every one of ``protocols`` yet: retention keeps their
+    checkpoints."""
     root = run_dir / "eval"
     if not root.is_dir():
         return set()
     return {p.name for p in root.iterdir()
-            if (p / SUBMITTED).exists() and "knn" not in read_results(p)["protocols"]}
+            if (p / SUBMITTED).exists() and not set(protocols) <= set(read_results(p)["protocols"])}
 
 
 def submit_eval(cfg: Config, tag: str, eval_slurm: dict | None) -> str:
@@ -73,23 +75,44 @@ def submit_eval(cfg: Config, tag: str, eval_slurm: dict | None) -> str:
 
 
 def evaluate(checkpoint: Path) -> dict:
-    """The job's body: kNN on the checkpoint, its entry into ``eval/<tag>/results.json``, and every protocol's
-    numbers in that file to the run's wandb group."""
-    from smim_dist.eval.knn import run_knn  # the evaluation stack loads in the job, not in every training process
+    """The job's body: each of the run's ``eval.protocols`` on the checkpoint (one failing does not stop the next),
+    then every protocol's numbers in ``eval/<tag>/results.json`` to the run's wandb group. Raises at the end if a
+    protocol failed, so the job shows as failed."""
+    from smim_dist.eval.cli import main as smim_eval  # the evaluation stack loads in the job, not in training
 
     checkpoint = Path(checkpoint)
     run_dir, tag = checkpoint.parent.parent, checkpoint.name
-    results = run_knn(checkpoint, out=eval_dir(run_dir, tag))
+    eval_cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())["eval"]
+    failed = []
+    for protocol in eval_cfg["protocols"]:
+        options = Path(eval_cfg["config_dir"] or "") / f"{protocol}.yaml"
+        config = ["--config", str(options)] if eval_cfg["config_dir"] and options.is_file() else []
+        if smim_eval([protocol, "--checkpoint", str(checkpoint), *config]) != 0:
+            failed.append(protocol)
+    results = read_results(eval_dir(run_dir, tag))
     _log_to_wandb(run_dir, tag, results)
+    if failed:
+        raise RuntimeError(f"evaluation of {checkpoint}: {', '.join(failed)} failed (the reason is above)")
     return results
+
+
+def wandb_metrics(results: dict) -> dict[str, float]:
+    """The scores in a results file as flat wandb keys: ``eval/knn_cls_top1``, ``eval/seg_miou``, ..."""
+    metrics = {}
+    for protocol, entry in results["protocols"].items():
+        for key, value in entry.items():
+            if key in SCORES and isinstance(value, (int, float)):
+                metrics[f"eval/{protocol}_{key}"] = value
+            elif isinstance(value, dict) and set(value) & set(SCORES):
+                metrics.update({f"eval/{protocol}_{key}_{name}": value[name] for name in SCORES if name in value})
+    return metrics
 
 
 def _log_to_wandb(run_dir: Path, tag: str, results: dict) -> None:
     log_cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())["log"]
     if log_cfg["wandb_mode"] == "disabled":
         return
-    metrics = {f"eval/{protocol}_{feature}_{key}": value for protocol, entry in results["protocols"].items()
-               for feature in ("cls", "patch") for key, value in (entry.get(feature) or {}).items()}
+    metrics = wandb_metrics(results)
     run = wandb.init(project=log_cfg["wandb_project"], entity=log_cfg["wandb_entity"],
                      group=log_cfg["wandb_group"] or run_dir.name, name=f"{run_dir.name}-eval-{tag}",
                      job_type="eval", mode=log_cfg["wandb_mode"], dir=str(eval_dir(run_dir, tag)),
