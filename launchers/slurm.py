@@ -26,24 +26,24 @@ from smim_dist.slurm_job import TrainJob
 
 JOB_FOLDER = "slurm"
 JOB_ID_FILE = "job_id"
-TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?:(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?$")
+TIME_FORMATS = (
+    (r"(\d+)", (60,)),
+    (r"(\d+):(\d+)", (60, 1)),
+    (r"(\d+):(\d+):(\d+)", (3600, 60, 1)),
+    (r"(\d+)-(\d+)", (86400, 3600)),
+    (r"(\d+)-(\d+):(\d+)", (86400, 3600, 60)),
+    (r"(\d+)-(\d+):(\d+):(\d+)", (86400, 3600, 60, 1)),
+)
+"""SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) and the seconds each field counts"""
 
 
 def minutes(text: str) -> int:
-    """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
-    match = TIME.match(text)
-    days_hours = re.match(r"^(\d+)-(\d+)$", text)
-    if days_hours:
-        return int(days_hours[1]) * 1440 + int(days_hours[2]) * 60
-    if not match:
-        raise argparse.ArgumentTypeError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
-    parts = match.groupdict()
-    if parts["days"] is None and parts["h"] is not None and parts["s"] is None:  # MM:SS
-        total_s = int(parts["h"]) * 60 + int(parts["m"])
-    else:
-        total_s = (int(parts["days"] or 0) * 86400 + int(parts["h"] or 0) * 3600 + int(parts["m"]) * 60
-                   + int(parts["s"] or 0))
-    return -(-total_s // 60)
+    """A SLURM time limit in whole minutes, rounded up."""
+    for pattern, seconds in TIME_FORMATS:
+        match = re.fullmatch(pattern, text)
+        if match:
+            return -(-sum(int(value) * unit for value, unit in zip(match.groups(), seconds)) // 60)
+    raise argparse.ArgumentTypeError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
 
 
 def positive(text: str) -> int:

@@ -1,5 +1,6 @@
 """``launchers/slurm.py`` without a cluster: the sbatch script it would submit, and every refusal before submission."""
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -27,6 +28,18 @@ def launch(*args, check=False):
     proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     assert not check or code == 0, proc.stderr
     return proc
+
+
+@pytest.mark.parametrize("text, expected", [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-2", 1560),
+                                            ("1-02:30", 1590), ("0-00:00:01", 1), ("3:00", 3)])
+def test_every_slurm_time_format_in_minutes_rounded_up(text, expected):
+    assert slurm_launcher.minutes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1:2:3:4", "1-", "-5", "1h", ""])
+def test_a_malformed_time_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="use minutes, HH:MM:SS or D-HH:MM:SS"):
+        slurm_launcher.minutes(text)
 
 
 def test_dry_run_prints_the_sbatch_script_and_creates_nothing(tmp_path):
