@@ -52,7 +52,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> dict:
     seg_recipe = SegRecipe(epochs=args.seg_epochs, batch_size=16, img_size=model.img_size)
     seg = run_linear_seg(run_dir, block=seg_block, recipe=seg_recipe)["protocols"]["seg"]
     return {"knn_cls": knn["cls"]["top1"], "knn_patch": knn["patch"]["top1"], "linear_cls": linear["cls"]["top1"],
-            "linear_patch": linear["patch"]["top1"], "seg_miou": seg["miou"], "linear_block": linear_block,
+            "linear_patch": linear["patch"]["top1"], "seg_miou": seg["miou"], "seg_pixel_acc": seg["pixel_acc"],
+            "linear_block": linear_block,
             "seg_block": seg_block, "depth": depth}
 
 
@@ -78,12 +79,12 @@ def main() -> None:
     (args.out / "table1_small.json").write_text(json.dumps(report, indent=2))
     print(f"\nTable 1, small: micro ViT, demo data ({args.images} train images, 6 classes, chance {chance:.3f}), "
           f"target {args.target}, {args.epochs} epochs, seed {args.seed}")
-    print("| method | kNN CLS | kNN Patch | Linear CLS | Linear Patch | Seg mIoU | pre-train s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | kNN CLS | kNN Patch | Linear CLS | Linear Patch | Seg mIoU | Seg pixel acc | pre-train s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         label = "SemanticMIM (proxy)" if name == "proxy" else "vanilla"
         print(f"| {label} | {row['knn_cls']:.3f} | {row['knn_patch']:.3f} | {row['linear_cls']:.3f} | "
-              f"{row['linear_patch']:.3f} | {row['seg_miou']:.3f} | {row['pretrain_seconds']:.0f} |")
+              f"{row['linear_patch']:.3f} | {row['seg_miou']:.3f} | {row['seg_pixel_acc']:.3f} | {row['pretrain_seconds']:.0f} |")
     print(f"(linear probe on block {rows['proxy']['linear_block']}, segmentation on block {rows['proxy']['seg_block']}"
           f" of {rows['proxy']['depth']}; results in {args.out / 'table1_small.json'})")
 

@@ -13,7 +13,7 @@ def test_reproduce_small_fills_the_table(tmp_path, demo_data):
     report = json.loads((tmp_path / "table1_small.json").read_text())
     assert set(report["rows"]) == {"vanilla", "proxy"}
     for row in report["rows"].values():
-        for column in ("knn_cls", "knn_patch", "linear_cls", "linear_patch", "seg_miou"):
+        for column in ("knn_cls", "knn_patch", "linear_cls", "linear_patch", "seg_miou", "seg_pixel_acc"):
             assert 0 <= row[column] <= 1, (column, row)
         assert (row["depth"], row["linear_block"], row["seg_block"]) == (4, 2, 2)
     assert "| SemanticMIM (proxy) |" in proc.stdout and "| vanilla |" in proc.stdout
