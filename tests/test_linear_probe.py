@@ -6,14 +6,13 @@ import multiprocessing
 from copy import deepcopy
 from pathlib import Path
 
-import pytest
 import torch
 
 from smim_dist.eval.cli import main
 from smim_dist.eval.linear_probe import ProbeRecipe, head_accuracy, train_heads
 from smim_dist.eval.results import merge_results, read_results
 
-from conftest import run_cli, run_dir  # noqa: F401  (the tiny run fixture, imported by other eval tests)
+from conftest import run_cli
 
 TAG = "step_00000004"
 """one epoch of the tiny config: 64 images / global batch 16"""

@@ -14,7 +14,7 @@ from smim_dist.eval.cli import main
 from smim_dist.eval.data import IGNORE_INDEX
 from smim_dist.eval.linear_seg import SegRecipe, confusion_matrix, evaluate_head, segmentation_scores, train_seg_head
 
-from test_linear_probe import TAG, run_dir  # noqa: F401  (the tiny pre-training run, a fixture)
+from test_linear_probe import TAG
 
 
 def test_miou_of_a_known_prediction():

@@ -1,13 +1,12 @@
 """The real ``smim-train`` CLI: single process, DeepSpeed ZeRO on 2 gloo processes, the NaN guard, bad input."""
 
 import json
-import sys
 
 import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
+from conftest import losses, run_cli, tiny_overrides, train_cli
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 

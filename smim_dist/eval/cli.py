@@ -4,7 +4,10 @@
     smim-eval knn --checkpoint runs/maskfeat_proxy/checkpoints/step_00150000 --feature cls --k 20
     smim-eval knn --checkpoint runs/demo_cpu data.path=/data/in1k_train.beton data.demo=false
     smim-eval linear --checkpoint runs/maskfeat_proxy --config configs/eval/linear.yaml --epochs 50
+    smim-eval finetune --checkpoint runs/demo_cpu --epochs 10 --batch-size 64  # fine-tuning, BEiT / MAE recipe
     smim-eval seg --checkpoint runs/maskfeat_proxy --data VOCdevkit/VOC2012 # linear segmentation, block 6, 448 px
+    torchrun --nproc_per_node 8 -m smim_dist.eval.cli upernet --checkpoint runs/maskfeat_proxy \
+        --data ADEChallengeData2016                                       # UperNet fine-tuning, 160k iterations
     smim-eval attention --checkpoint runs/demo_cpu --layer 5 --query 3,4    # -> <run_dir>/eval/<tag>/attention/
 
 Results go to <run_dir>/eval/<tag>/results.json (or --out DIR); a checkpoint already evaluated with the same settings
@@ -15,6 +18,7 @@ overrides); options on the command line win. One process by default; under torch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -25,9 +29,11 @@ from smim_dist.config import ConfigError
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.eval.attention import run_attention
 from smim_dist.eval.features import FEATURES
+from smim_dist.eval.finetune import POOLS, FinetuneRecipe, run_finetune
 from smim_dist.eval.knn import run_knn
 from smim_dist.eval.linear_probe import ProbeRecipe, run_linear_probe
 from smim_dist.eval.linear_seg import SegRecipe, run_linear_seg
+from smim_dist.eval.upernet import UperNetRecipe, run_upernet
 
 CONFIG_OVERRIDES = "overrides"
 """the --config key holding data.* overrides of the run's config"""
@@ -79,6 +85,40 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     linear.add_argument("--encode-batch-size", type=int, default=128, help="images per forward pass (default 128)")
     _force(linear)
 
+    finetune = protocols.add_parser("finetune", parents=[common],
+                                    help="fine-tune the whole encoder with a classifier (paper Table 3)")
+    finetune.add_argument("--num-classes", type=int, help="checked against the class folders (default: their count)")
+    finetune.add_argument("--epochs", type=int, default=FinetuneRecipe.epochs, help="default %(default)s")
+    finetune.add_argument("--warmup-epochs", type=int, default=FinetuneRecipe.warmup_epochs,
+                          help="default %(default)s")
+    finetune.add_argument("--batch-size", type=int, default=FinetuneRecipe.batch_size,
+                          help="global, over all ranks and accumulation steps (default %(default)s)")
+    finetune.add_argument("--accum-steps", type=int, default=FinetuneRecipe.accum_steps,
+                          help="micro-batches per optimizer step (default %(default)s)")
+    finetune.add_argument("--blr", type=float, default=FinetuneRecipe.blr,
+                          help="peak lr per 256 images (default %(default)s)")
+    finetune.add_argument("--lr", type=float, help="absolute peak lr (default blr * batch size / 256)")
+    finetune.add_argument("--min-lr", type=float, default=FinetuneRecipe.min_lr, help="default %(default)s")
+    finetune.add_argument("--weight-decay", type=float, default=FinetuneRecipe.weight_decay,
+                          help="default %(default)s")
+    finetune.add_argument("--layer-decay", type=float, default=FinetuneRecipe.layer_decay,
+                          help="lr factor per block towards the input (default %(default)s)")
+    finetune.add_argument("--drop-path", type=float, default=FinetuneRecipe.drop_path, help="default %(default)s")
+    finetune.add_argument("--mixup", type=float, default=FinetuneRecipe.mixup,
+                          help="mixup alpha, 0: off (default %(default)s)")
+    finetune.add_argument("--cutmix", type=float, default=FinetuneRecipe.cutmix,
+                          help="cutmix alpha, 0: off (default %(default)s)")
+    finetune.add_argument("--smoothing", type=float, default=FinetuneRecipe.smoothing,
+                          help="label smoothing (default %(default)s)")
+    finetune.add_argument("--auto-augment", default=FinetuneRecipe.auto_augment,
+                          help="timm RandAugment policy (default %(default)s)")
+    finetune.add_argument("--reprob", dest="re_prob", type=float, default=FinetuneRecipe.re_prob,
+                          help="random-erasing probability (default %(default)s)")
+    finetune.add_argument("--global-pool", choices=POOLS, default=FinetuneRecipe.global_pool,
+                          help="avg: mean patch token and a new LayerNorm (MAE); token: [CLS] (default %(default)s)")
+    finetune.add_argument("--log-every", type=int, default=50, help="steps between loss lines (default 50)")
+    _force(finetune)
+
     seg = protocols.add_parser("seg", parents=[common],
                                help="linear segmentation on a frozen block's feature map (paper Table 6)")
     seg.add_argument("--data", type=Path, help="a PascalVOC tree (VOCdevkit/VOC2012) or a demo set (default: the "
@@ -91,7 +131,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     seg.add_argument("--lr", type=float, default=SegRecipe.lr, help="SGD lr, x0.1 after 2/3 (default %(default)s)")
     seg.add_argument("--encode-batch-size", type=int, default=16, help="images per forward pass (default 16)")
     _force(seg)
-    return parser, {"knn": knn, "attention": attention, "linear": linear, "seg": seg}
+
+    upernet = protocols.add_parser("upernet", parents=[common],
+                                   help="UperNet fine-tuning of the encoder for segmentation (paper Table 4, ADE20K)")
+    upernet.add_argument("--data", type=Path, help="an ADE20K tree (ADEChallengeData2016), a PascalVOC tree or a demo "
+                                                   "set (default: the run's demo set)")
+    upernet.add_argument("--num-classes", type=int,
+                         help="classes, ignore index 255 aside (default: ADE20K 150, VOC 21, demo 7)")
+    upernet.add_argument("--iters", type=int, default=UperNetRecipe.iters, help="default %(default)s")
+    upernet.add_argument("--batch-size", type=int, default=UperNetRecipe.batch_size,
+                         help="crops per iteration over all processes (default %(default)s)")
+    upernet.add_argument("--crop-size", type=int, default=UperNetRecipe.crop_size, help="default %(default)s")
+    upernet.add_argument("--lr", type=float, default=UperNetRecipe.lr,
+                         help="peak AdamW lr, the decoder's (default %(default)s)")
+    upernet.add_argument("--layer-decay", type=float, default=UperNetRecipe.layer_decay,
+                         help="lr factor per encoder block towards the input (default %(default)s)")
+    upernet.add_argument("--weight-decay", type=float, default=UperNetRecipe.weight_decay, help="default %(default)s")
+    upernet.add_argument("--warmup-iters", type=int, default=UperNetRecipe.warmup_iters, help="default %(default)s")
+    upernet.add_argument("--drop-path", type=float, default=UperNetRecipe.drop_path, help="default %(default)s")
+    upernet.add_argument("--aux-weight", type=float, default=UperNetRecipe.aux_weight,
+                         help="weight of the auxiliary FCN head's loss (default %(default)s)")
+    upernet.add_argument("--eval-every", type=int, default=0,
+                         help="also score val every N iterations (default 0: at the end only)")
+    upernet.add_argument("--save-every", type=int, default=1000, help="iterations between saved states (default 1000)")
+    upernet.add_argument("--log-every", type=int, default=50, help="iterations between loss records (default 50)")
+    _force(upernet)
+    return parser, {"knn": knn, "attention": attention, "linear": linear, "seg": seg, "upernet": upernet,
+                    "finetune": finetune}
 
 
 def _patch(text: str) -> tuple[int, int]:
@@ -153,10 +219,19 @@ def run_protocol(args: argparse.Namespace) -> None:
         recipe = ProbeRecipe(args.epochs, args.warmup_epochs, args.batch_size, args.lr)
         run_linear_probe(args.checkpoint, args.out, args.block, recipe, args.overrides, args.force,
                          args.encode_batch_size)
+    elif args.protocol == "finetune":
+        options = {field.name: getattr(args, field.name) for field in dataclasses.fields(FinetuneRecipe)}
+        run_finetune(args.checkpoint, args.out, FinetuneRecipe(**options), args.num_classes, args.overrides,
+                     args.force, log_every=args.log_every)
     elif args.protocol == "seg":
         recipe = SegRecipe(args.epochs, args.batch_size, args.lr, args.img_size)
         run_linear_seg(args.checkpoint, args.out, args.block, recipe, args.data, args.num_classes, args.overrides,
                        args.force, args.encode_batch_size)
+    elif args.protocol == "upernet":
+        recipe = UperNetRecipe(args.iters, args.batch_size, args.crop_size, args.lr, args.layer_decay,
+                               args.weight_decay, args.warmup_iters, args.drop_path, args.aux_weight)
+        run_upernet(args.checkpoint, args.out, recipe, args.data, args.num_classes, args.overrides, args.force,
+                    args.eval_every, args.save_every, args.log_every)
     else:
         run_knn(args.checkpoint, args.out, args.k, args.temperature, args.feature, args.overrides, args.force,
                 args.batch_size)

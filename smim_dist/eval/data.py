@@ -35,6 +35,10 @@ VOC_CLASSES = 21
 """background + 20 object classes"""
 IGNORE_INDEX = 255
 """VOC's object borders and "void": no loss, not scored"""
+ADE_LAYOUT = {"train": "training", "val": "validation"}
+"""ADEChallengeData2016's split folders under images/ and annotations/"""
+ADE_CLASSES = 150
+"""ADE20K's SceneParsing classes; its label 0 ("other") is none of them"""
 
 
 @dataclass(frozen=True)
@@ -183,21 +187,27 @@ class SegmentationSplit:
     root: Path
     pairs: tuple[tuple[Path, Path], ...]
     """(image, label map) files in sample order"""
+    reduce_zero_label: bool = False
+    """ADE20K: id 0 ("other") is ignored and ids 1..150 are classes 0..149 (mmsegmentation's reduce_zero_label)"""
 
 
 def segmentation_splits(root: Path) -> tuple[SegmentationSplit, SegmentationSplit, int]:
-    """(train, val, class count) of a demo set (its manifest lists each image's mask; background + its shapes) or a
-    PascalVOC tree (``ImageSets/Segmentation/{train,val}.txt`` name the ids of ``JPEGImages/<id>.jpg`` and
+    """(train, val, class count) of a demo set (its manifest lists each image's mask; background + its shapes), an
+    ADE20K tree (``images/{training,validation}/<id>.jpg`` with ``annotations/.../<id>.png``) or a PascalVOC tree
+    (``ImageSets/Segmentation/{train,val}.txt`` name the ids of ``JPEGImages/<id>.jpg`` and
     ``SegmentationClass/<id>.png``); every file is checked to exist before anything is computed."""
     if (root / MANIFEST).is_file():
         manifest = load_manifest(root)
         train, val = (SegmentationSplit(name, root, tuple((root / sample["image"], root / sample["mask"])
                                                           for sample in manifest[name])) for name in SPLITS)
         return train, val, len(manifest["class_names"]) + 1
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        return _ade_split(root, "train"), _ade_split(root, "val"), ADE_CLASSES
     missing = [name for name in VOC_LAYOUT if not (root / name).is_dir()]
     if missing:
         raise ConfigError(f"segmentation data {root} is neither a demo set (no {MANIFEST}) nor a PascalVOC tree (no "
-                          f"{', '.join(missing)}); pass --data VOCdevkit/VOC2012 or a demo set's directory")
+                          f"{', '.join(missing)}) nor an ADE20K tree (no images/ and annotations/); pass --data "
+                          "VOCdevkit/VOC2012, ADEChallengeData2016 or a demo set's directory")
     splits = []
     for name in SPLITS:
         listing = root / VOC_LAYOUT[2] / f"{name}.txt"
@@ -211,15 +221,35 @@ def segmentation_splits(root: Path) -> tuple[SegmentationSplit, SegmentationSpli
     return splits[0], splits[1], VOC_CLASSES
 
 
+def _ade_split(root: Path, name: str) -> SegmentationSplit:
+    images, masks = root / "images" / ADE_LAYOUT[name], root / "annotations" / ADE_LAYOUT[name]
+    pairs = tuple((image, masks / f"{image.stem}.png") for image in sorted(images.glob("*.jpg")))
+    absent = [str(mask) for _, mask in pairs if not mask.is_file()]
+    if not pairs or absent:
+        raise ConfigError(f"{images}: {'no .jpg images' if not pairs else f'{len(absent)} label maps missing, e.g. '}"
+                          f"{absent[0] if absent else ''}; the ADE20K {name} split needs <id>.jpg under {images} and "
+                          f"<id>.png under {masks}")
+    return SegmentationSplit(name, root, pairs, reduce_zero_label=True)
+
+
+def read_label_map(split: SegmentationSplit, mask: Path) -> np.ndarray:
+    """uint8 class ids of one of the split's label maps, ADE20K's shifted to 0-based with "other" ignored; an error
+    naming the file if it holds colours rather than ids."""
+    try:
+        ids = read_mask(mask.read_bytes())
+    except ValueError as err:
+        raise ConfigError(f"{mask}: {err}") from None
+    if split.reduce_zero_label:
+        return np.where((ids == 0) | (ids == IGNORE_INDEX), IGNORE_INDEX, ids - 1).astype(np.uint8)
+    return ids
+
+
 def label_maps(split: SegmentationSplit, size: int, num_classes: int) -> Tensor:
     """uint8 ``[N, size, size]`` class ids (nearest-neighbour resized, as the paper scores at a fixed 100x100); an
     error naming the file if a map holds an id that is neither a class below ``num_classes`` nor ``IGNORE_INDEX``."""
     maps = torch.empty(len(split.pairs), size, size, dtype=torch.uint8)
     for i, (_, mask) in enumerate(split.pairs):
-        try:
-            ids = read_mask(mask.read_bytes())
-        except ValueError as err:
-            raise ConfigError(f"{mask}: {err}") from None
+        ids = read_label_map(split, mask)
         bad = np.setdiff1d(np.unique(ids), [*range(num_classes), IGNORE_INDEX])
         if bad.size:
             raise ConfigError(f"{mask} holds class ids {bad.tolist()[:5]}, outside 0..{num_classes - 1} (and "
