@@ -74,17 +74,17 @@ def test_finetune_cli_writes_results_and_resumes_exactly(run_dir, tmp_path, monk
     assert main(["finetune", "--checkpoint", str(run_dir), *FT]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
-    save = finetune._save
+    save = finetune.save_progress
 
     def save_then_stop(*args):
         save(*args)
         raise Preempted
 
-    monkeypatch.setattr(finetune, "_save", save_then_stop)
+    monkeypatch.setattr(finetune, "save_progress", save_then_stop)
     with pytest.raises(Preempted):
         main(["finetune", "--checkpoint", str(run_dir), "--out", str(tmp_path), *FT])
     assert torch.load(tmp_path / "finetune" / "state.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(finetune, "_save", save)
+    monkeypatch.undo()
     assert main(["finetune", "--checkpoint", str(run_dir), "--out", str(tmp_path), *FT]) == 0
     out = capsys.readouterr().out
     assert "resumed after epoch 1" in out and "epoch 1/2" not in out

@@ -94,6 +94,9 @@ def test_linear_cli_joins_knn_in_results_and_resumes(run_dir, capsys):
     assert (linear["train_samples"], linear["val_samples"]) == (64, 16)
     for kind in ("cls", "patch"):
         assert set(linear[kind]) == {"top1", "top5"} and 0 <= linear[kind]["top1"] <= linear[kind]["top5"] <= 1
+    metrics = [json.loads(line) for line in (folder / "linear" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == [1, 2, 3]
+    assert all(record["train_loss_cls"] > 0 and record["train_loss_patch"] > 0 for record in metrics)
 
     written = (folder / "results.json").stat().st_mtime_ns
     assert main(["linear", "--checkpoint", str(run_dir), *PROBE]) == 0

@@ -63,6 +63,9 @@ def test_seg_cli_on_the_demo_masks_writes_results_and_resumes(run_dir, capsys):
     assert (seg["num_classes"], seg["train_samples"], seg["val_samples"]) == (7, 64, 16)
     assert 0 <= seg["miou"] <= 1 and 0 <= seg["pixel_acc"] <= 1 and len(seg["per_class_iou"]) == 7
     assert all(iou is None or 0 <= iou <= 1 for iou in seg["per_class_iou"])
+    metrics = [json.loads(line) for line in (folder / "seg" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == [1, 2]
+    assert [record["lr"] for record in metrics] == pytest.approx([0.01, 0.001])  # x0.1 from 2/3 of the epochs
 
     assert main(["seg", "--checkpoint", str(run_dir), *SEG]) == 0
     assert "nothing to do" in capsys.readouterr().out

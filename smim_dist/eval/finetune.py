@@ -19,7 +19,6 @@ epoch re-seeds the generators, ends where an uninterrupted run does. The score s
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,13 +42,12 @@ from smim_dist.engine.schedule import cosine_lr
 from smim_dist.eval.data import LabelledSplit, centre_crop_loader
 from smim_dist.eval.features import default_device, rank_and_world, resolve_eval_run
 from smim_dist.eval.finetune_data import finetune_splits, seed_epoch, train_loader, train_transform
-from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, replace_atomically,
-                                    results_folder, top_k_accuracy)
+from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, results_folder,
+                                    save_progress, top_k_accuracy)
 from smim_dist.export import consolidated_state_dict
 from smim_dist.models.timm_export import encoder_state_dict, timm_kwargs, timm_model_name
 
 FINETUNE_DIR = "finetune"
-METRICS_FILE = "metrics.jsonl"
 BETAS = (0.9, 0.999)
 POOLS = ("avg", "token")
 
@@ -280,7 +278,7 @@ def run_finetune(checkpoint: Path, out: Path | None = None, recipe: FinetuneReci
         history.append({"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": total.item(), "lr": lr,
                         **scores, "seconds": round(time.perf_counter() - began, 2)})
         if rank == 0:
-            _save(folder, state_file, {"settings": state_key, "epoch": epoch + 1, "model": model.state_dict(),
+            save_progress(state_file, {"settings": state_key, "epoch": epoch + 1, "model": model.state_dict(),
                                        "optimizer": optimizer.state_dict(), "history": history})
         say(f"fine-tuning epoch {epoch + 1}/{recipe.epochs}: train loss {history[-1]['train_loss']:.4f}, val "
             + ", ".join(f"{key} {value:.4f}" for key, value in scores.items()))
@@ -293,11 +291,3 @@ def run_finetune(checkpoint: Path, out: Path | None = None, recipe: FinetuneReci
     say(f"fine-tuning of {checkpoint} (step {results['step']}): top-1 {final['top1']:.4f}; wrote "
         f"{folder / RESULTS_FILE}")
     return results
-
-
-def _save(folder: Path, state_file: Path, state: dict) -> None:
-    """The metrics file rewritten from the history, then the state a rerun continues from: a run stopped between the
-    two redoes the epoch (drawing the same numbers) and rewrites both."""
-    lines = "".join(json.dumps(record) + "\n" for record in state["history"])
-    replace_atomically(folder / FINETUNE_DIR / METRICS_FILE, lambda tmp: tmp.write_text(lines))
-    replace_atomically(state_file, lambda tmp: torch.save(state, tmp))

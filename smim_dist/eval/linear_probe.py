@@ -31,7 +31,7 @@ from smim_dist.eval.data import LabelledSplit, centre_crop_loader, eval_splits
 from smim_dist.eval.features import (FEATURES, check_block, default_device, extract_features, load_encoder,
                                      rank_and_world, resolve_eval_run)
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
-                                    replace_atomically, results_folder, top_k_accuracy)
+                                    replace_atomically, results_folder, save_progress, top_k_accuracy)
 
 PROBE_DIR = "linear"
 
@@ -74,17 +74,17 @@ def train_heads(features: dict[str, Tensor], labels: Tensor, num_classes: int, r
     """One head per feature kind on ``[N, D]`` features, trained together (separate parameters, so summing their
     losses trains each alone). Epochs visit the samples in a seeded order and drop a last partial batch (a tiny one
     would skew BatchNorm), except when the whole set is smaller than a batch; the same ``seed`` gives the same heads
-    whatever ran before in the process. After every epoch ``save`` gets the state (epoch, heads, optimizer) that
-    ``resume`` continues from."""
+    whatever ran before in the process. After every epoch ``save`` gets the state (epoch, heads, optimizer, history
+    of per-epoch losses) that ``resume`` continues from."""
     device, generator = labels.device, torch.Generator().manual_seed(seed)
     heads = nn.ModuleDict({kind: linear_head(x.shape[1], num_classes, generator)
                            for kind, x in features.items()}).to(device)
     optimizer = torch.optim.SGD(heads.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)
-    first_epoch = 0
+    first_epoch, history = 0, []
     if resume is not None:
         heads.load_state_dict(resume["heads"])
         optimizer.load_state_dict(resume["optimizer"])
-        first_epoch = resume["epoch"]
+        first_epoch, history = resume["epoch"], resume["history"]
     steps = max(1, len(labels) // recipe.batch_size)
     heads.train()
     for epoch in range(first_epoch, recipe.epochs):
@@ -101,10 +101,13 @@ def train_heads(features: dict[str, Tensor], labels: Tensor, num_classes: int, r
             optimizer.step()
             for kind, value in loss.items():
                 losses[kind] += value.detach() / steps
+        history.append({"epoch": epoch + 1, "lr": lr, **{f"train_loss_{kind}": round(value.item(), 6)
+                                                          for kind, value in losses.items()}})
         if save is not None:
-            save({"epoch": epoch + 1, "heads": heads.state_dict(), "optimizer": optimizer.state_dict()})
+            save({"epoch": epoch + 1, "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                  "history": history})
         say(f"linear probe epoch {epoch + 1}/{recipe.epochs}: train loss "
-            + ", ".join(f"{kind} {value.item():.4f}" for kind, value in losses.items()))
+            + ", ".join(f"{kind} {history[-1]['train_loss_' + kind]:.4f}" for kind in losses))
     return heads
 
 
@@ -184,7 +187,7 @@ def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, 
         say(f"linear probe resumed after epoch {resume['epoch']} from {state_file}")
 
     def save(state: dict) -> None:
-        replace_atomically(state_file, lambda tmp: torch.save({"settings": state_key, **state}, tmp))
+        save_progress(state_file, {"settings": state_key, **state})
 
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     heads = train_heads(train_x, train_y, num_classes, recipe, cfg.seed, resume, save, say)

@@ -32,7 +32,7 @@ from smim_dist.data.pretrain_loader import prepare_demo_data
 from smim_dist.eval.data import IGNORE_INDEX, SegmentationSplit, label_maps, segmentation_splits, whole_image_loader
 from smim_dist.eval.features import check_block, default_device, rank_and_world, resolve_eval_run
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
-                                    replace_atomically, results_folder)
+                                    replace_atomically, results_folder, save_progress)
 from smim_dist.export import consolidated_state_dict
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 
@@ -84,11 +84,11 @@ def train_seg_head(maps: Tensor, labels: Tensor, num_classes: int, recipe: SegRe
     device = device or maps.device
     head = seg_head(maps.shape[1], num_classes, torch.Generator().manual_seed(seed)).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr, momentum=0.9)
-    first_epoch = 0
+    first_epoch, history = 0, []
     if resume is not None:
         head.load_state_dict(resume["head"])
         optimizer.load_state_dict(resume["optimizer"])
-        first_epoch = resume["epoch"]
+        first_epoch, history = resume["epoch"], resume["history"]
     head.train()
     for epoch in range(first_epoch, recipe.epochs):
         for group in optimizer.param_groups:
@@ -102,9 +102,11 @@ def train_seg_head(maps: Tensor, labels: Tensor, num_classes: int, recipe: SegRe
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(batch) / len(maps)
+        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": round(total.item(), 6)})
         if save is not None:
-            save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer": optimizer.state_dict()})
-        say(f"linear segmentation epoch {epoch + 1}/{recipe.epochs}: train loss {total.item():.4f}")
+            save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                  "history": history})
+        say(f"linear segmentation epoch {epoch + 1}/{recipe.epochs}: train loss {history[-1]['train_loss']:.4f}")
     return head
 
 
@@ -205,7 +207,7 @@ def run_linear_seg(checkpoint: Path, out: Path | None = None, block: int = 6, re
         log(f"linear segmentation resumed after epoch {resume['epoch']} from {state_file}")
 
     def save(state: dict) -> None:
-        replace_atomically(state_file, lambda tmp: torch.save({"settings": state_key, **state}, tmp))
+        save_progress(state_file, {"settings": state_key, **state})
 
     head = train_seg_head(train_x, train_y, num_classes, recipe, cfg.seed, resume, save, log, device)
     scores = evaluate_head(head, val_x, val_y, num_classes, recipe.batch_size, device)

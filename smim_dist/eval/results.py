@@ -26,6 +26,7 @@ from smim_dist.engine.checkpoint import META
 
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".results.lock"
+METRICS_FILE = "metrics.jsonl"
 HEADER = ("checkpoint", "tag", "step")
 
 
@@ -139,6 +140,15 @@ def prior_work(folder: Path, protocol: str, what: str, subdir: str, tag: str, se
     state_file, state_key = folder / subdir / "state.pt", {"tag": tag, **settings}
     resume = None if force or previous is not None else _resume_state(state_file, state_key, what)
     return previous, state_file, state_key, resume
+
+
+def save_progress(state_file: Path, state: dict) -> None:
+    """A trained protocol's per-epoch progress: ``metrics.jsonl`` beside the state, rewritten from the state's
+    ``history`` (one record per epoch), then the state a rerun continues from. A run stopped between the two redoes
+    the epoch and rewrites both, so the metrics never hold an epoch twice."""
+    lines = "".join(json.dumps(record) + "\n" for record in state["history"])
+    replace_atomically(state_file.parent / METRICS_FILE, lambda tmp: tmp.write_text(lines))
+    replace_atomically(state_file, lambda tmp: torch.save(state, tmp))
 
 
 def top_k_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
