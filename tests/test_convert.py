@@ -24,7 +24,8 @@ from PIL import Image
 from skimage import data
 
 from conftest import REPO
-from smim_dist.data.convert import _compressed, main
+from smim_dist.data.convert import _compressed
+from smim_dist.data.convert_cli import main
 from smim_dist.data.tar_index import index_tar
 
 MAX_SIDE = 256
@@ -36,6 +37,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 FAIL_SCRIPT = """
 import sys
 import smim_dist.data.convert as convert
+from smim_dist.data.convert_cli import main
 
 read = convert._Samples.__getitem__
 
@@ -45,7 +47,7 @@ def changed_on_disk(self, index):  # as if a file were replaced by garbage betwe
     return read(self, index)
 
 convert._Samples.__getitem__ = changed_on_disk
-sys.exit(convert.main())
+sys.exit(main())
 """
 
 
@@ -127,7 +129,7 @@ def _read_beton(path: Path) -> dict:
 
 
 def _convert(*args: str, script: Path | None = None) -> subprocess.Popen:
-    command = [str(script)] if script else ["-m", "smim_dist.data.convert"]
+    command = [str(script)] if script else ["-m", "smim_dist.data.convert_cli"]
     return subprocess.Popen([sys.executable, *command, "imagefolder", *map(str, args)], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

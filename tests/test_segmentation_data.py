@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from smim_dist.config import ConfigError
-from smim_dist.data.convert import UsageError, main
+from smim_dist.data.convert import UsageError
+from smim_dist.data.convert_cli import main
 from smim_dist.data.demo import CLASS_NAMES, ensure_demo_dataset
 from smim_dist.data.ffcv_loader import FFCVSegmentationLoader
 from smim_dist.data.segmentation import convert_segmentation, pair_files
