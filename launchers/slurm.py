@@ -2,6 +2,7 @@
 
     python launchers/slurm.py --nodes 8 --partition gpu --time 72:00:00 --config configs/beit_proxy.yaml optim.lr=2e-3
     python launchers/slurm.py --nodes 2 --config configs/beit_proxy.yaml --dry-run   # print the sbatch script only
+    python launchers/slurm.py --container-image docker://ghcr.io/me/smim_dist:1 --config ...   # tasks in an image
 
 Submitting the same command again resumes the run (from its newest valid checkpoint), on any number of nodes. The
 config, the cluster options and the run directory are checked here, before anything is submitted.
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import submitit
 from submitit.core.utils import FailedJobError
@@ -34,6 +36,10 @@ TIME_FORMATS = (
     (r"(\d+)-(\d+):(\d+):(\d+)", (86400, 3600, 60, 1)),
 )
 """SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) and the seconds each field counts"""
+CONTAINER_WORKDIR = "/opt/smim_dist"
+"""where the project lives in the image (docker/Dockerfile)"""
+CONTAINER_PYTHON = "/opt/smim_dist/docker/entrypoint.sh python"
+"""the image's python, through its entrypoint (its PATH and caches; pyxis and apptainer exec skip the entrypoint)"""
 
 
 def minutes(text: str) -> int:
@@ -75,8 +81,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="USR2 this long before the time limit: enough for one step and a checkpoint")
     parser.add_argument("--max-requeues", type=int, default=50, help="after this many requeues the job ends")
     parser.add_argument("--eval-time", type=minutes, default=60, help="time limit of each evaluation job")
+    parser.add_argument("--container-image", metavar="IMAGE",
+                        help="run every task in this image: for pyxis an image reference (docker://..., a .sqsh "
+                             "file), for apptainer a .sif file")
+    parser.add_argument("--container-runtime", choices=("pyxis", "apptainer"),
+                        help="pyxis: srun --container-image (the default); apptainer: srun apptainer exec")
+    parser.add_argument("--container-mounts", metavar="SRC:DST[,...]",
+                        help="more mounts (the output dir and the data directory are always mounted at their paths)")
+    parser.add_argument("--container-workdir", metavar="DIR",
+                        help=f"working directory inside the container (default {CONTAINER_WORKDIR})")
     parser.add_argument("--dry-run", action="store_true", help="check everything and print the sbatch script")
     args = parser.parse_args(argv)
+    for option in ("container_runtime", "container_mounts", "container_workdir"):
+        if getattr(args, option) is not None and args.container_image is None:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: only with --container-image IMAGE")
+    args.container_runtime = args.container_runtime or "pyxis"
+    if args.container_runtime == "apptainer" and args.container_image and not Path(args.container_image).is_file():
+        parser.error(f"--container-image {args.container_image}: no such file; apptainer runs a local .sif image "
+                     "(apptainer build smim_dist.sif docker-daemon://IMAGE, on a shared file system)")
+    for mount in args.container_mounts.split(",") if args.container_mounts is not None else ():
+        source, _, rest = mount.partition(":")
+        if not source.startswith("/") or rest and not rest.startswith("/"):
+            parser.error(f"--container-mounts {args.container_mounts}: {mount!r} is not SRC[:DST[:FLAGS]] with "
+                         "absolute paths")
+    if args.container_workdir is not None and not args.container_workdir.startswith("/"):
+        parser.error(f"--container-workdir {args.container_workdir}: give an absolute path inside the image")
     if args.gpus_per_node < 0:
         parser.error(f"--gpus-per-node {args.gpus_per_node}: must be 0 (CPU nodes) or more")
     if args.max_requeues < 0:
@@ -88,19 +117,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def local_path(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:") and not any(c in path for c in ", \t\n")
+
+
+def container_overrides(cfg: Config) -> list[str]:
+    """The output and data paths made absolute, so that they name the same mounted directories inside the image."""
+    return [f"output_dir={Path(cfg.output_dir).absolute()}",
+            *([f"data.path={Path(cfg.data.path).absolute()}"] if local_path(cfg.data.path) else [])]
+
+
+def container_args(args: argparse.Namespace, cfg: Config) -> list[str]:
+    """srun's arguments that put each task in the image: pyxis's flags, or apptainer's command before the task's."""
+    if not args.container_image:
+        return []
+    data = Path(cfg.data.path)
+    mounts = [cfg.output_dir, *([str(data if data.is_dir() else data.parent)] if local_path(cfg.data.path) else [])]
+    mounts = [f"{path}:{path}" for path in dict.fromkeys(mounts)] + (args.container_mounts or "").split(",")
+    mounts = ",".join(mount for mount in mounts if mount)
+    image = str(Path(args.container_image).absolute()) if Path(args.container_image).is_file() else args.container_image
+    workdir = args.container_workdir or CONTAINER_WORKDIR
+    if args.container_runtime == "pyxis":
+        return [f"--container-image={image}", f"--container-mounts={mounts}", f"--container-workdir={workdir}"]
+    return ["apptainer", "exec", *(["--nv"] if args.gpus_per_node > 0 else []), "--bind", mounts, "--pwd", workdir,
+            image]
+
+
 def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
     """submitit's SlurmExecutor parameters; the evaluation jobs get one task of the same kind. A task that dies ends
     the whole job (``--kill-on-bad-exit``) instead of leaving the others blocked in a collective until the time
     limit."""
     on_gpus = args.gpus_per_node > 0
+    container = container_args(args, cfg)
     common = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
               "exclude": args.exclude, "cpus_per_task": args.cpus_per_task, "stderr_to_stdout": False}
     train = {**common, "job_name": args.name or cfg.run_name, "nodes": args.nodes, "time": args.time,
              "ntasks_per_node": args.gpus_per_node if on_gpus else args.tasks_per_node,
              "gpus_per_node": args.gpus_per_node if on_gpus else None, "mem": args.mem,
-             "signal_delay_s": args.signal_delay, "srun_args": ["--kill-on-bad-exit=1"]}
+             "signal_delay_s": args.signal_delay, "srun_args": ["--kill-on-bad-exit=1", *container]}
     evaluation = {**common, "job_name": f"{train['job_name']}-eval", "nodes": 1, "ntasks_per_node": 1,
-                  "gpus_per_node": 1 if on_gpus else None, "time": args.eval_time}
+                  "gpus_per_node": 1 if on_gpus else None, "time": args.eval_time, "srun_args": container or None}
     return {"train": {k: v for k, v in train.items() if v is not None},
             "eval": {k: v for k, v in evaluation.items() if v is not None}}
 
@@ -131,11 +187,14 @@ def check_run(cfg: Config, world_size: int) -> None:
 def submit(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
     cfg = load_config(args.config, overrides)
+    if args.container_image:
+        cfg = load_config(args.config, [*overrides, *container_overrides(cfg)])
     world_size = args.nodes * (args.gpus_per_node or args.tasks_per_node)
     check_run(cfg, world_size)
     params = slurm_parameters(args, cfg)
     folder = cfg.run_dir / JOB_FOLDER
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues,
+                                      python=CONTAINER_PYTHON if args.container_image else None)
     executor.update_parameters(**params["train"])
     job = TrainJob(config=cfg.to_dict(), max_requeues=args.max_requeues, eval_slurm=params["eval"])
     if args.dry_run:

@@ -123,8 +123,9 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 128 + signal number when a SIGTERM / SIGUSR2 stopped the run early (after its checkpoint), so
-    torchrun, Kubernetes and SLURM see an unfinished run rather than a finished one."""
+    """Exit status 128 + signal number when a SIGTERM / SIGUSR2 stopped the run early (after its checkpoint), on every
+    rank, the ones that did not receive it too, so torchrun, Kubernetes and SLURM see an unfinished run rather than a
+    finished one."""
     args = parse_args(argv)
     stop = StopSignals().install()
     try:
@@ -139,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"smim-train: stopped: {err}", file=sys.stderr)
         return 3
-    if stop.received is not None and state.epoch < cfg.optim.epochs:
-        return 128 + stop.received
-    return 0
+    if state.epoch >= cfg.optim.epochs:
+        return 0
+    received = torch.tensor([int(stop.received or 0)], device=dist_info.device)
+    torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+    return 128 + int(received.item()) if received.item() else 0
 
 
 if __name__ == "__main__":

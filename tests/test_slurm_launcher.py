@@ -110,3 +110,45 @@ def test_a_run_with_only_damaged_checkpoints_is_refused(tmp_path, demo_data):
     fresh = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--dry-run", *overrides,
                    "checkpoint.allow_fresh_start=true")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+
+def container_paths(tmp_path):
+    """a run directory and a data file: the directory that holds it is mounted"""
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    data.mkdir()
+    (data / "train.beton").write_bytes(b"")
+    mounts = f"{runs}:{runs},{data}:{data}"
+    return mounts, [f"output_dir={runs}", f"data.path={data / 'train.beton'}", "data.demo=false"]
+
+
+def test_pyxis_runs_every_task_in_the_image_with_the_run_and_data_mounted(tmp_path):
+    mounts, overrides = container_paths(tmp_path)
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--container-image", "docker://ghcr.io/me/smim:1",
+                  "--container-mounts", "/scratch:/scratch", "--dry-run", *overrides, check=True)
+    assert (f"--kill-on-bad-exit=1 --container-image=docker://ghcr.io/me/smim:1 --container-mounts={mounts},"
+            "/scratch:/scratch --container-workdir=/opt/smim_dist /opt/smim_dist/docker/entrypoint.sh python -u -m "
+            f"submitit.core._submit {tmp_path}/runs/demo_cpu/slurm" in proc.stdout), proc.stdout
+
+
+def test_apptainer_wraps_every_task_in_apptainer_exec(tmp_path):
+    mounts, overrides = container_paths(tmp_path)
+    image = tmp_path / "smim_dist.sif"
+    image.write_bytes(b"")
+    proc = launch("--config", TINY_CONFIG, "--nodes", "2", "--gpus-per-node", "1", "--container-image", str(image),
+                  "--container-runtime", "apptainer", "--container-workdir", "/work", "--dry-run", *overrides,
+                  "optim.micro_batch=32", check=True)
+    assert (f"--kill-on-bad-exit=1 apptainer exec --nv --bind {mounts} --pwd /work {image} "
+            "/opt/smim_dist/docker/entrypoint.sh python -u -m submitit.core._submit" in proc.stdout), proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--container-mounts", "/data:/data"], "--container-mounts /data:/data: only with --container-image IMAGE"),
+    (["--container-runtime", "apptainer"], "--container-runtime apptainer: only with --container-image IMAGE"),
+    (["--container-image", "missing.sif", "--container-runtime", "apptainer"],
+     "--container-image missing.sif: no such file; apptainer runs a local .sif image"),
+    (["--container-image", "img", "--container-mounts", "data:/data"], "'data:/data' is not SRC[:DST[:FLAGS]]"),
+    (["--container-image", "img", "--container-workdir", "work"], "--container-workdir work: give an absolute path"),
+])
+def test_bad_container_options_are_refused(args, message):
+    proc = launch("--config", TINY_CONFIG, *args, "--dry-run")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
