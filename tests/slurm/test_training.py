@@ -17,6 +17,7 @@ import submitit
 import torch
 
 from conftest import losses, run_cli, tiny_overrides, train_cli
+from test_slurm_launcher import launch
 from smim_dist.engine.checkpoint import newest_valid_tag
 
 pytestmark = pytest.mark.slurm
@@ -158,8 +159,9 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
     job_id = submit("--config", CONFIG, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug",
                     "--time", "30", "--eval-time", "15", *overrides)
     run = tmp_path / "evaluated"
-    twice = run_cli(["launchers/slurm.py", "--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug",
-                     *overrides], check=False)
+    # in this process, whose imports are done: a subprocess spends 10-20 s importing torch, long enough for the tiny
+    # job to finish on an idle machine, and then the second submission is rightly accepted
+    twice = launch("--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug", *overrides)
     assert twice.returncode == 2 and f"job {job_id} (" in twice.stderr and "is already training" in twice.stderr
     wait_until_gone(job_id, slurm_cluster, timeout=300)
     for tag in ("step_00000004", "step_00000008"):
