@@ -171,15 +171,15 @@ def _job_in_queue(job_id: str) -> str | None:
 def check_run(cfg: Config, world_size: int) -> None:
     """Everything that would make the job fail at start, checked on the submitting machine."""
     cfg.optim.accumulation_steps(world_size)
-    if not check_run_dir(cfg):
-        return
-    id_file = cfg.run_dir / JOB_FOLDER / JOB_ID_FILE
+    id_file = cfg.run_dir / JOB_FOLDER / JOB_ID_FILE  # before the run directory's config: a queued job has none yet
     if id_file.exists() and shutil.which("squeue"):
         job_id = id_file.read_text().strip()
         state = _job_in_queue(job_id)
         if state:
             raise ConfigError(f"job {job_id} ({state}) is already training {cfg.run_dir}; wait for it or "
                               f"`scancel {job_id}` first (its checkpoint is kept, and this command resumes it)")
+    if not check_run_dir(cfg):
+        return
     tag, skipped = newest_valid_tag(cfg.run_dir)
     check_resumable(cfg.run_dir, tag, skipped, cfg.checkpoint.allow_fresh_start)
 

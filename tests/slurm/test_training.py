@@ -159,8 +159,8 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
     job_id = submit("--config", CONFIG, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug",
                     "--time", "30", "--eval-time", "15", *overrides)
     run = tmp_path / "evaluated"
-    # in this process, whose imports are done: a subprocess spends 10-20 s importing torch, long enough for the tiny
-    # job to finish on an idle machine, and then the second submission is rightly accepted
+    # in this process, whose imports are done, so it runs while the job is still queued or starting, before the job
+    # has written the run's config: a queued job must be refused too
     twice = launch("--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug", *overrides)
     assert twice.returncode == 2 and f"job {job_id} (" in twice.stderr and "is already training" in twice.stderr
     wait_until_gone(job_id, slurm_cluster, timeout=300)
