@@ -1,0 +1,154 @@
+"""The GPU half of ``bench/gpu_check.sh``: bf16 against fp32 through the DeepSpeed engine, then the engine's own speed.
+
+    python bench/gpu_check.py --batch 256
+
+1. One ViT-B/16 proxy model (MaskFeat target) is wrapped twice from the same weights, in a bf16 and in an fp32
+   DeepSpeed engine, exactly as ``smim-train`` builds them. On one batch both compute the loss, take one optimizer
+   step and compute the loss again; each bf16 loss must be finite and within ``--tolerance`` (relative) of fp32's.
+2. The bf16 engine then trains ``--steps`` steps at ``--batch`` the way the training loop does (targets, forward,
+   loss, ``engine.backward``, ``engine.step``): images/s and MFU of the product path, DeepSpeed's overheads included,
+   next to the same model stepped by plain torch (bf16 autocast, fused AdamW) in the same process.
+3. The DALL-E tokenizer (BEiT's target, about as many FLOPs per image as the ViT-B step itself) is timed in fp32 and
+   under bf16 autocast, with the share of codes the two agree on (random weights: a numerical-sensitivity figure only).
+Exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import deepspeed
+import torch
+
+from smim_dist.config import Config, ModelConfig
+from smim_dist.engine.deepspeed_setup import build_engine, set_lr
+from smim_dist.engine.distributed import init_distributed
+from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.models.flops import forward_flops
+from smim_dist.models.mim import MIMModel
+from smim_dist.targets.dalle import DalleEncoder, DalleTokenizer
+from smim_dist.targets.hog import HOGTarget
+from step import StepRunner, make_batch, peak_tflops, synchronize, timed
+
+
+def engine_config(precision: str, batch: int) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(size="base", mode="proxy", drop_path=0.0)
+    cfg.optim.global_batch = cfg.optim.micro_batch = batch
+    cfg.engine.precision = precision
+    return cfg
+
+
+def train_step(engine, images, mask, targets, dtype) -> torch.Tensor:
+    loss = mim_loss(engine(images.to(dtype), mask), targets)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+def check_bf16_matches_fp32(args, device, target) -> bool:
+    torch.manual_seed(0)
+    model = MIMModel(engine_config("fp32", args.check_batch).model, target.out_dim)
+    args_small = argparse.Namespace(**{**vars(args), "batch": args.check_batch})
+    images, _, mask = make_batch(args_small, device)
+    targets = gather_masked(target(images), mask.masked)
+    losses = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        engine = build_engine(engine_config(precision, args.check_batch), copy.deepcopy(model).to(device), 1, device)
+        engine.eval()
+        with torch.no_grad():
+            before = mim_loss(engine(images.to(dtype), mask), targets)
+        engine.train()
+        set_lr(engine, 1e-3)
+        train_step(engine, images, mask, targets, dtype)
+        engine.eval()
+        with torch.no_grad():
+            after = mim_loss(engine(images.to(dtype), mask), targets)
+        losses[precision] = (float(before), float(after))
+        del engine
+    ok = True
+    for index, label in enumerate(("loss before the step", "loss after one AdamW step")):
+        fp32, bf16 = losses["fp32"][index], losses["bf16"][index]
+        error = abs(bf16 - fp32) / abs(fp32)
+        passed = torch.isfinite(torch.tensor(bf16)).item() and error <= args.tolerance
+        ok &= passed
+        print(f"  {label}: fp32 {fp32:.6f}, bf16 {bf16:.6f}, relative difference {error:.2e} "
+              f"(tolerance {args.tolerance:.0e}) {'ok' if passed else 'FAILED'}")
+    return ok
+
+
+def time_engine(args, device, target, peak: float) -> None:
+    torch.manual_seed(0)
+    cfg = engine_config("bf16", args.batch)
+    engine = build_engine(cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
+    plain = StepRunner(cfg.model, target, "maskfeat", target.out_dim,
+                       argparse.Namespace(dtype="bf16", host_sync=False, compile=False), device)
+    images, views, mask = make_batch(args, device)
+    steps = {"DeepSpeed bf16 engine (ZeRO 1)": lambda: train_step(
+                 engine, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16),
+             "plain torch, bf16 autocast": lambda: plain.step(images, views, mask)}
+    flops = 3 * forward_flops(cfg.model, args.mask_ratio, True, target.out_dim) * args.batch
+    seconds = {}
+    for label, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+        seconds[label] = timed(step, args.steps, device)
+        tflops = flops / seconds[label] / 1e12
+        print(f"  {label}, ViT-B/16 proxy, MaskFeat, batch {args.batch}: {1e3 * seconds[label]:.1f} ms/step, "
+              f"{args.batch / seconds[label]:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
+    engine_time, plain_time = seconds.values()
+    print(f"  DeepSpeed engine / plain torch step time: {engine_time / plain_time:.2f}")
+
+
+def time_tokenizer(args, device) -> None:
+    tokenizer = DalleTokenizer(DalleEncoder()).to(device)
+    _, views, _ = make_batch(args, device)
+    codes = {}
+    for label, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
+        def run():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                return tokenizer.logits(views).argmax(dim=1)
+        run()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            codes[label] = run()
+        synchronize(device)
+        print(f"  DALL-E tokenizer, {label}, batch {args.batch} at {views.shape[-1]} px: "
+              f"{1e3 * (time.perf_counter() - start) / args.steps:.1f} ms")
+    agreement = (codes["fp32"] == codes["bf16 autocast"]).float().mean().item()
+    print(f"  codes equal in fp32 and bf16: {100 * agreement:.1f}%")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--check-batch", type=int, default=32)
+    parser.add_argument("--tolerance", type=float, default=2e-2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    args.img, args.patch, args.mask_ratio = 224, 16, 0.6
+    dist_info = init_distributed()
+    device = dist_info.device
+    if device.type != "cuda":
+        print("no CUDA device: this check is for a GPU machine")
+        return 1
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"DeepSpeed {deepspeed.__version__}")
+    target = HOGTarget(16).to(device)
+    print("bf16 vs fp32, ViT-B/16 proxy, MaskFeat, one batch of", args.check_batch)
+    ok = check_bf16_matches_fp32(args, device, target)
+    peak, source = peak_tflops(device, "bf16")
+    print(f"training loop speed (peak {peak:.0f} TFLOP/s, {source})")
+    time_engine(args, device, target, peak)
+    time_tokenizer(args, device)
+    torch.distributed.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-shot check of a GPU machine, under 5 minutes on one H100 / H200, installing nothing and reaching no network:
+# bf16 matches fp32 through the DeepSpeed engine; images/s and MFU of ViT-B/16 vanilla vs proxy (MaskFeat and BEiT
+# targets, batch 256, 224 px), eager and compiled; the training engine's own speed; the FFCV loader's rate.
+#   bash bench/gpu_check.sh            (PYTHON=... to pick the interpreter; the project must be importable)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+echo "== numerics and the training engine"
+$python bench/gpu_check.py --batch 256
+echo "== step: vanilla vs proxy, eager bf16"
+$python bench/step.py --sizes base --batch 256 --dtype bf16 --targets maskfeat beit --warmup 3 --rounds 3 --steps 5
+echo "== step: vanilla vs proxy, torch.compile bf16"
+$python bench/step.py --sizes base --batch 256 --dtype bf16 --targets maskfeat --compile --warmup 3 --rounds 3 \
+    --steps 5
+echo "== loader"
+if $python -c "import ffcv" 2>/dev/null; then
+    $python bench/loader.py --images 1024 --workers "$(nproc)" --batch 256
+else
+    echo "FFCV is not importable with $python: loader rate skipped (the project's docker image has it)"
+fi
+echo "gpu_check finished in $((SECONDS - start)) s"
