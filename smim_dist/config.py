@@ -10,22 +10,17 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from smim_dist.config_loading import ConfigError, build, merge, override_tree, read_chain
 from smim_dist.masking import build_mask_generator
 from smim_dist.models.encoder import image_grid
 from smim_dist.models.sizes import VIT_SIZES
 from smim_dist.targets.dalle import TokenizerWeightsError, check_tokenizer_file
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work started."""
 
 
 @dataclass
@@ -206,109 +201,17 @@ CHOICES = {
 }
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a YAML value against a field's type; ints are accepted where floats are declared."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if item_types[-1] is Ellipsis:
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{where}: expected a list, got {value!r}")
-            return tuple(_coerce(v, item_types[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{where}: expected a list of {len(item_types)} values, got {value!r}")
-        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, str, bool) and type(value) is annotation:
-        return value
-    raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-
-
-def _build(cls: type, values: dict[str, Any], where: str, origin: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{origin}: {where or 'the config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{(where + '.' if where else '') + near[0]}'?" if near else ""
-            raise ConfigError(f"{origin}: unknown key '{path}'{hint} (valid here: {', '.join(names)})")
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value, path, origin)
-        else:
-            kwargs[key] = _coerce(value, hints[key], f"{origin}: {path}")
-    return cls(**kwargs)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" + (f" (named as base by {seen[-1]})" if seen else ""))
-    if path in seen:
-        raise ConfigError(f"config base chain loops: {' -> '.join(map(str, seen + (path,)))}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(values).__name__}")
-    bases = values.pop("base", None)
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases or []:
-        merged = _merge(merged, _read_chain(path.parent / base, seen + (path,)))
-    _build(Config, values, "", str(path))
-    return _merge(merged, values)
-
-
-def _override_tree(overrides: list[str]) -> dict:
-    tree: dict = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        node = tree
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    return tree
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The resolved, validated config of a YAML file (with its base chain) plus ``a.b=value`` overrides."""
-    values = _read_chain(Path(path)) if path else {}
-    merged = _merge(values, _override_tree(list(overrides)))
-    config = _build(Config, merged, "", f"{path or 'defaults'} + overrides" if overrides else str(path or "defaults"))
+    values = read_chain(Path(path), Config) if path else {}
+    merged = merge(values, override_tree(list(overrides)))
+    config = build(Config, merged, "", f"{path or 'defaults'} + overrides" if overrides else str(path or "defaults"))
     validate(config)
     return config
 
 
 def config_from_dict(values: dict) -> Config:
-    config = _build(Config, values, "", "saved config")
+    config = build(Config, values, "", "saved config")
     validate(config)
     return config
 
