@@ -7,7 +7,8 @@
    step and compute the loss again; each bf16 loss must be finite and within ``--tolerance`` (relative) of fp32's.
 2. The bf16 engine then trains ``--steps`` steps at ``--batch`` the way the training loop does (targets, forward,
    loss, ``engine.backward``, ``engine.step``): images/s and MFU of the product path, DeepSpeed's overheads included,
-   next to the same model stepped by plain torch (bf16 autocast, fused AdamW) in the same process.
+   next to DeepSpeed's ``torch_autocast`` mode (fp32 weights, bf16 compute: a candidate for the bf16 setting) and the
+   same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process.
 3. The DALL-E tokenizer (BEiT's target, about as many FLOPs per image as the ViT-B step itself) is timed in fp32 and
    under bf16 autocast, with the share of codes the two agree on (random weights: a numerical-sensitivity figure only).
 Exits 1 when a check fails.
@@ -24,7 +25,7 @@ import deepspeed
 import torch
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import build_engine, set_lr
+from smim_dist.engine.deepspeed_setup import build_engine, deepspeed_config, set_lr
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.models.flops import forward_flops
@@ -84,11 +85,18 @@ def time_engine(args, device, target, peak: float) -> None:
     torch.manual_seed(0)
     cfg = engine_config("bf16", args.batch)
     engine = build_engine(cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
+    autocast_config = {key: value for key, value in deepspeed_config(cfg, 1).items() if key != "bf16"}
+    autocast_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    autocast_model = MIMModel(cfg.model, target.out_dim).to(device)
+    autocast_engine, *_ = deepspeed.initialize(model=autocast_model, config=autocast_config,
+                                               optimizer=torch.optim.AdamW(autocast_model.parameters(), fused=True))
     plain = StepRunner(cfg.model, target, "maskfeat", target.out_dim,
                        argparse.Namespace(dtype="bf16", host_sync=False, compile=False), device)
     images, views, mask = make_batch(args, device)
     steps = {"DeepSpeed bf16 engine (ZeRO 1)": lambda: train_step(
                  engine, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16),
+             "DeepSpeed torch_autocast bf16 (ZeRO 1)": lambda: train_step(
+                 autocast_engine, images, mask, gather_masked(target(images), mask.masked), torch.float32),
              "plain torch, bf16 autocast": lambda: plain.step(images, views, mask)}
     flops = 3 * forward_flops(cfg.model, args.mask_ratio, True, target.out_dim) * args.batch
     seconds = {}
@@ -99,8 +107,9 @@ def time_engine(args, device, target, peak: float) -> None:
         tflops = flops / seconds[label] / 1e12
         print(f"  {label}, ViT-B/16 proxy, MaskFeat, batch {args.batch}: {1e3 * seconds[label]:.1f} ms/step, "
               f"{args.batch / seconds[label]:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
-    engine_time, plain_time = seconds.values()
-    print(f"  DeepSpeed engine / plain torch step time: {engine_time / plain_time:.2f}")
+    engine_time, autocast_time, plain_time = seconds.values()
+    print(f"  step time / plain torch's: DeepSpeed bf16 {engine_time / plain_time:.2f}, DeepSpeed torch_autocast "
+          f"{autocast_time / plain_time:.2f}")
 
 
 def time_tokenizer(args, device) -> None:
