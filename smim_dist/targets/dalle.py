@@ -3,8 +3,9 @@
 ``DalleEncoder`` re-implements the encoder of OpenAI's ``dall_e`` package (``dall_e.encoder.Encoder``) with plain
 torch modules. Its parameters carry the same names and shapes as the original (``blocks.input.w``,
 ``blocks.group_2.block_1.id_path.w``, ``blocks.group_1.block_1.res_path.conv_1.w``, ..., ``blocks.output.conv.b``), so
-OpenAI's public ``encoder.pkl`` loads into it with ``strict=True``. Unlike the original, it always computes in
-float32 (the original ran most convolutions in float16 on GPU), also when called under autocast.
+OpenAI's public ``encoder.pkl`` loads into it with ``strict=True``. Unlike the original, it always computes with
+float32 tensors (the original ran most convolutions in float16 on GPU), also when called under autocast; cuDNN's
+default TF32 convolutions apply on Ampere and later GPUs.
 
 ``DalleTokenizer`` turns images in [0, 1] into one code in [0, 8192) per 8x8 pixel cell: a 112-px image (BEiT's
 second view of a 224 crop) gives 14x14 = 196 codes, one per 16-px patch of the 224 view.
@@ -151,7 +152,8 @@ class DalleEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.input_channels:
             raise ValueError(f"expected input of shape [B, {self.input_channels}, H, W], got {tuple(x.shape)}")
-        # Always float32, also under autocast: the argmax over 8192 logits is sensitive to rounding.
+        # float32 tensors, also under autocast: the argmax over 8192 logits is sensitive to rounding. On Ampere and
+        # later GPUs cuDNN still computes the convolutions in TF32, torch's default (bench/README.md).
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.blocks(x.float())
 
