@@ -59,9 +59,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.device):
-    """Wrap the model in a DeepSpeed engine with torch's AdamW (fused on GPU); the LR is set per step by the loop."""
+    """Wrap the model in a DeepSpeed engine with torch's fused AdamW (one kernel over all tensors, CPU and GPU: 7.7x
+    the default per-tensor loop on a ViT-S CPU step, bench/README.md); the LR is set per step by the loop."""
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps, fused=device.type == "cuda")
+                                  eps=cfg.optim.eps, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
     if cfg.engine.compile:
         engine.compile()
