@@ -1,0 +1,39 @@
+"""bench/step.py and bench/profile_step.py end to end at toy size: both models run and the figures are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from smim_dist.config import ModelConfig
+from smim_dist.models.flops import forward_flops
+from smim_dist.targets.hog import HOGTarget
+from smim_dist.targets.pixels import PixelTarget
+
+
+def test_step_bench_reports_both_models_with_consistent_figures(tmp_path):
+    out = tmp_path / "step.json"
+    proc = run_cli(["bench/step.py", "--sizes", "micro", "--img", "32", "--patch", "8", "--batch", "4",
+                    "--targets", "maskfeat", "pixels", "--warmup", "1", "--rounds", "1", "--steps", "1",
+                    "--json", str(out)], timeout=300)
+    result = json.loads(out.read_text())
+    rows = {(row["target"], row["mode"]): row for row in result["rows"]}
+    assert set(rows) == {(target, mode) for target in ("maskfeat", "pixels") for mode in ("vanilla", "proxy")}
+    for (target, mode), row in rows.items():
+        cfg = ModelConfig(size="micro", mode=mode, img_size=32, patch_size=8)
+        target_dim = (PixelTarget(8) if target == "pixels" else HOGTarget(8)).out_dim
+        flops = 3 * forward_flops(cfg, 0.6, True, target_dim) * 4
+        assert row["model_tflops"] == pytest.approx(flops / (row["ms_per_step"] / 1e3) / 1e12, rel=1e-6)
+        assert row["mfu"] == pytest.approx(row["model_tflops"] / result["peak_tflops"], rel=1e-6)
+        assert row["images_per_s"] == pytest.approx(4 / (row["ms_per_step"] / 1e3), rel=1e-6)
+    assert "micro/maskfeat: proxy / vanilla step time per image" in proc.stdout
+
+
+def test_profile_bench_splits_the_step_into_phases(tmp_path):
+    proc = run_cli(["bench/profile_step.py", "--img", "32", "--patch", "8", "--batch", "4", "--warmup", "1",
+                    "--steps", "1", "--top", "5"], timeout=300)
+    for mode in ("vanilla", "proxy"):
+        assert f"== {mode}:" in proc.stdout
+    assert proc.stdout.count("phases:") == 2 and "backward" in proc.stdout
