@@ -119,6 +119,8 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 1
+    """0-3; ZeRO 1/2 keep an fp32 master copy of the parameters (also in fp32 runs), so their optimizer state is 12
+    bytes a parameter divided by the world size, against ZeRO 0's 8 undivided (bench/scaling.py)"""
     precision: str = "bf16"
     """fp32 | bf16 | fp16 (dynamic loss scale); bf16/fp16 need a GPU"""
     max_bad_steps: int = 20
