@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$SECONDS
+if ! $python -c "import deepspeed, timm, smim_dist" 2>/dev/null; then
+    echo "gpu_check: '$python' cannot import deepspeed, timm and smim_dist; run it with the project's environment" \
+        "(pip install -e . or the docker image), or point PYTHON at one" >&2
+    exit 2
+fi
+if ! command -v nvidia-smi >/dev/null; then
+    echo "gpu_check: nvidia-smi not found; this check is for a machine with an NVIDIA GPU and its driver" >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 echo "== numerics and the training engine"
 $python bench/gpu_check.py --batch 256

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from smim_dist.config import ModelConfig
 from smim_dist.models.flops import forward_flops
 from smim_dist.targets.hog import HOGTarget
@@ -37,3 +41,12 @@ def test_profile_bench_splits_the_step_into_phases(tmp_path):
     for mode in ("vanilla", "proxy"):
         assert f"== {mode}:" in proc.stdout
     assert proc.stdout.count("phases:") == 2 and "backward" in proc.stdout
+
+
+def test_gpu_check_refuses_a_machine_without_an_nvidia_gpu(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA driver")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2
+    assert "nvidia-smi not found" in proc.stderr
