@@ -50,3 +50,13 @@ def test_gpu_check_refuses_a_machine_without_an_nvidia_gpu(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 2
     assert "nvidia-smi not found" in proc.stderr
+
+
+def test_engine_overhead_bench_counts_each_zero_stage_against_plain_torch():
+    proc = run_cli(["bench/engine_overhead.py", "--img", "32", "--batch", "4", "--steps", "1", "--stages", "1", "3"],
+                   timeout=300)
+    rows = {line[:28].strip(): line[28:].split() for line in proc.stdout.splitlines()
+            if line.startswith(("plain torch, bf16", "DeepSpeed bf16, ZeRO"))}
+    assert set(rows) == {"plain torch, bf16", "DeepSpeed bf16, ZeRO 1", "DeepSpeed bf16, ZeRO 3"}
+    assert all(float(rows[label][0]) > float(rows["plain torch, bf16"][0]) for label in rows if "ZeRO" in label), \
+        "DeepSpeed's bookkeeping runs operators of its own"

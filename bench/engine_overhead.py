@@ -1,0 +1,114 @@
+"""What the DeepSpeed engine adds to a training step: operators, host reads and time, next to plain torch.
+
+    python bench/engine_overhead.py                                   # CPU: micro model, bf16, ZeRO 0-3
+    python bench/engine_overhead.py --size base --img 224 --patch 16 --batch 256 --stages 1   # one GPU
+    python bench/engine_overhead.py --check-grad-overflow             # DeepSpeed's default bf16 overflow checks
+
+Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
+(bf16 weights, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused
+AdamW), per ZeRO stage. torch.profiler
+counts the ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the
+host reads (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``). On a GPU a read of a device tensor stalls
+the host until the device is done; on a CPU reads cost nothing, and some (torch's CPU AdamW reading its step count)
+happen only there. Operator counts do not depend on the machine; times do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import deepspeed
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from smim_dist.config import Config, ModelConfig
+from smim_dist.engine.deepspeed_setup import deepspeed_config, param_groups
+from smim_dist.engine.distributed import init_distributed
+from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.models.mim import MIMModel
+from smim_dist.targets.pixels import PixelTarget
+from step import make_batch, synchronize
+
+
+def count_ops(step, steps: int, device: torch.device) -> tuple[float, float, float]:
+    """Operators and host reads per step (profiled), and the unprofiled time per step in ms."""
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = prof.key_averages()
+    ops = sum(event.count for event in events if event.key.startswith("aten::")) / steps
+    reads = sum(event.count for event in events if event.key == "aten::_local_scalar_dense") / steps
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return ops, reads, 1e3 * (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="micro")
+    parser.add_argument("--img", type=int, default=64)
+    parser.add_argument("--patch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--check-grad-overflow", action="store_true",
+                        help="turn DeepSpeed's bf16 per-gradient overflow checks back on (its default)")
+    args = parser.parse_args()
+    args.mask_ratio = 0.6
+    device = init_distributed().device
+    target = PixelTarget(args.patch).to(device)
+    images, _, mask = make_batch(args, device)
+    targets = gather_masked(target(images), mask.masked)
+    model_cfg = ModelConfig(size=args.size, img_size=args.img, patch_size=args.patch, drop_path=0.0)
+    torch.manual_seed(0)
+    base = MIMModel(model_cfg, target.out_dim)
+
+    plain = copy.deepcopy(base).to(device, torch.bfloat16)
+    optimizer = torch.optim.AdamW(plain.parameters(), fused=True)
+
+    def plain_step() -> None:
+        loss = mim_loss(plain(images.to(torch.bfloat16), mask), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows = {"plain torch, bf16": count_ops(plain_step, args.steps, device)}
+    for stage in args.stages:
+        cfg = Config()
+        cfg.model = model_cfg
+        cfg.optim.global_batch = cfg.optim.micro_batch = args.batch
+        cfg.engine.precision, cfg.engine.zero_stage = "bf16", stage
+        ds_config = deepspeed_config(cfg, 1)
+        if args.check_grad_overflow:
+            ds_config["bf16"] = {"enabled": True}
+        model = copy.deepcopy(base).to(device)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
+
+        def engine_step(engine=engine) -> None:
+            loss = mim_loss(engine(images.to(torch.bfloat16), mask), targets)
+            engine.backward(loss)
+            engine.step()
+
+        rows[f"DeepSpeed bf16, ZeRO {stage}"] = count_ops(engine_step, args.steps, device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}; DeepSpeed's bf16 "
+          f"overflow checks {'on' if args.check_grad_overflow else 'off (as smim-train runs)'}")
+    print(f"{'step':28s} {'aten ops':>9s} {'host reads':>11s} {'ms/step':>9s}")
+    for label, (ops, reads, ms) in rows.items():
+        print(f"{label:28s} {ops:9.0f} {reads:11.0f} {ms:9.1f}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
