@@ -4,8 +4,8 @@
     python bench/scaling.py --size base --img 224 --patch 16 --batch 128 --precision bf16  # 2 GPUs: NCCL
 
 Weak scaling: every process trains the same micro batch of synthetic images, made once on its device so no loader is
-timed, through this project's own loop (``EpochRunner.run_epoch``: targets, DeepSpeed forward, loss, the per-step
-``any_rank`` agreement, backward, step). On CPU each process gets one torch thread, so world size 1 and 2 use one core
+timed, through this project's own loop (``EpochRunner.run_epoch``: targets, DeepSpeed forward, loss, backward, the
+all-reduced non-finite flag, step). On CPU each process gets one torch thread, so world size 1 and 2 use one core
 per process. Efficiency = throughput(2) / (2 x throughput(1)).
 
 Optimizer state: after one step under ZeRO 0-3 the tensors the torch AdamW inside DeepSpeed updates and keeps are

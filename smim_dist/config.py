@@ -124,7 +124,10 @@ class EngineConfig:
     precision: str = "bf16"
     """fp32 | bf16 | fp16 (dynamic loss scale); bf16/fp16 need a GPU"""
     max_bad_steps: int = 20
-    """stop after this many non-finite losses in a row"""
+    """stop (exit code 3) after this many steps in a row skipped for a non-finite loss"""
+    check_every_steps: int = 10
+    """steps between the loop's host reads, where all ranks agree on stopping for a signal and on max_bad_steps (log
+    steps read too); the steps in between never wait for the GPU"""
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine"""
 
@@ -276,6 +279,10 @@ def validate(cfg: Config) -> None:
                           "epochs >= 1 and 0 <= warmup_epochs <= epochs")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr={optim.min_lr} must be between 0 and optim.lr={optim.lr}")
+    for key in ("engine.max_bad_steps", "engine.check_every_steps", "log.every_steps"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)} must be at least 1")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if not cfg.data.demo:

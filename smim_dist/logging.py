@@ -79,7 +79,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(steps)
             if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:

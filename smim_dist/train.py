@@ -18,7 +18,8 @@ from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag, prune
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.elastic import resume
-from smim_dist.engine.loop import EpochRunner, NonFiniteLossError, TrainState
+from smim_dist.engine.loop import EpochRunner, TrainState
+from smim_dist.engine.nonfinite_guard import NonFiniteLossError
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
 from smim_dist.engine.stop_signals import StopSignals
 from smim_dist.eval.jobs import pending_evals, submit_eval
@@ -59,7 +60,7 @@ def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainStat
     logger.info(f"checkpoint {path}")
     if not dist_info.is_main:
         return
-    epoch_closed = state.batch_in_epoch == 0 and state.micro_in_window == 0
+    epoch_closed = state.batch_in_epoch == 0
     every = cfg.eval.every_epochs
     if every and epoch_closed and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
         logger.info(submit_eval(cfg, path.name, eval_slurm))
@@ -100,20 +101,12 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
     if state.epoch >= cfg.optim.epochs:
         logger.info(f"this run already finished its {cfg.optim.epochs} epochs; nothing to do (pick a new run_name, or "
                     "raise optim.epochs under a new run_name, to train again)")
-    save_pending = False
     try:
         while state.epoch < cfg.optim.epochs:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            outcome = runner.run_epoch(loader, state, stop_requested, pause_at_next_step=save_pending)
-            finished = state.epoch == cfg.optim.epochs
-            if finished and state.micro_in_window:
-                logger.info(f"dropping the last {state.micro_in_window} accumulated micro-batches: skipped "
-                            "non-finite ones left too few to complete a final step")
-                state.micro_in_window = 0
-            save_pending = save_pending or outcome == "stop" or (outcome == "done" and _should_save(cfg, state))
-            if save_pending and state.micro_in_window == 0:
+            outcome = runner.run_epoch(loader, state, stop_requested)
+            if outcome == "stop" or _should_save(cfg, state):
                 save_and_evaluate(cfg, engine, dist_info, state, logger, eval_slurm)
-                save_pending = False
             if outcome == "stop":
                 logger.info(f"stopped at step {state.step} on request; the same command resumes the run")
                 break

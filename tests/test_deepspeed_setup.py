@@ -1,8 +1,10 @@
-"""The DeepSpeed engine as the training loop builds it: what its bf16 step does and does not run."""
+"""The DeepSpeed engine as the training loop builds it: what its bf16 step does and does not run, and how the loop's
+non-finite guard skips an update inside it."""
 
 import copy
 import socket
 
+import deepspeed
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +14,9 @@ from deepspeed.runtime.zero import stage_1_and_2
 from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import build_engine
 from smim_dist.engine.distributed import init_distributed
+from smim_dist.engine.loop import EpochRunner, TrainState
+from smim_dist.engine.nonfinite_guard import NonFiniteGuard, fused_adamw
+from smim_dist.logging import RunLogger
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.masking import RandomMaskGenerator
 from smim_dist.models.mask_index import MaskIndices
@@ -19,17 +24,43 @@ from smim_dist.models.mim import MIMModel
 from smim_dist.targets.pixels import PixelTarget
 
 
-@pytest.fixture
-def process_group(monkeypatch):
-    """A group of one in this process, torn down after, so no other test inherits its port."""
+@pytest.fixture(scope="module")
+def process_group():
+    """A group of one in this process for this module (DeepSpeed keeps its groups across a re-init), torn down after,
+    so no other test inherits its port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(name, value)
-    yield init_distributed()
-    dist.destroy_process_group()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port)).items():
+            patch.setenv(name, value)
+        yield init_distributed()
+        dist.destroy_process_group()
+
+
+def micro_config(precision: str, zero_stage: int = 1, accumulation: int = 1) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(size="micro", img_size=32, patch_size=8, drop_path=0.0)
+    cfg.optim.micro_batch = 4
+    cfg.optim.global_batch = 4 * accumulation
+    cfg.engine.precision, cfg.engine.zero_stage = precision, zero_stage
+    return cfg
+
+
+def micro_engine(device, precision: str, zero_stage: int = 1, accumulation: int = 1):
+    cfg = micro_config(precision, zero_stage, accumulation)
+    target = PixelTarget(8)
+    return build_engine(cfg, MIMModel(cfg.model, target.out_dim), 1, device), target
+
+
+def micro_loss(engine, target, poisoned: bool = False):
+    images = torch.randn(4, 3, 32, 32)
+    mask = MaskIndices.from_bool(torch.stack([torch.from_numpy(RandomMaskGenerator((4, 4), 8).mask_for(0, 0, i))
+                                              for i in range(4)]))
+    targets = gather_masked(target(images), mask.masked) * (float("nan") if poisoned else 1.0)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    return mim_loss(engine(images.to(dtype), mask), targets)
 
 
 def test_bf16_step_runs_no_per_gradient_overflow_check(process_group, monkeypatch):
@@ -39,21 +70,83 @@ def test_bf16_step_runs_no_per_gradient_overflow_check(process_group, monkeypatc
     real_check = stage_1_and_2.DeepSpeedZeroOptimizer._has_inf_or_nan
     monkeypatch.setattr(stage_1_and_2.DeepSpeedZeroOptimizer, "_has_inf_or_nan",
                         staticmethod(lambda x, j=None: checks.append(1) or real_check(x)))
-    cfg = Config()
-    cfg.model = ModelConfig(size="micro", img_size=32, patch_size=8, drop_path=0.0)
-    cfg.optim.global_batch = cfg.optim.micro_batch = 4
-    cfg.engine.precision = "bf16"
-    target = PixelTarget(8)
-    model = MIMModel(cfg.model, target.out_dim)
-    engine = build_engine(cfg, model, 1, process_group.device)
+    engine, target = micro_engine(process_group.device, "bf16")
     before = copy.deepcopy(engine.module.state_dict())
-    images = torch.randn(4, 3, 32, 32)
-    mask = MaskIndices.from_bool(torch.stack([torch.from_numpy(RandomMaskGenerator((4, 4), 8).mask_for(0, 0, i))
-                                              for i in range(4)]))
-    loss = mim_loss(engine(images.to(torch.bfloat16), mask), gather_masked(target(images), mask.masked))
+    loss = micro_loss(engine, target)
     engine.backward(loss)
     engine.step()
     assert torch.isfinite(loss)
     assert not checks, f"{len(checks)} per-gradient overflow checks ran in one bf16 step"
     after = engine.module.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before), "the step changed no weight"
+
+
+def weights_and_adam_state(engine) -> dict[str, torch.Tensor]:
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3):
+        tensors = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
+    for index, state in enumerate(fused_adamw(engine).state.values()):
+        tensors.update({f"adam{index}.{key}": value.detach().clone() for key, value in state.items()})
+    return tensors
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_a_window_with_a_non_finite_loss_leaves_weights_and_adam_state_untouched(process_group, zero_stage, precision):
+    """The guard's flag reaches the fused AdamW that DeepSpeed steps, under every ZeRO stage: one NaN micro-batch
+    among finite ones skips the whole update, and the next clean window updates again."""
+    if precision == "bf16" and not get_accelerator().is_bf16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no bf16")
+    torch.manual_seed(0)
+    engine, target = micro_engine(process_group.device, precision, zero_stage, accumulation=2)
+    guard = NonFiniteGuard(engine, process_group.device, skipped=0, bad_in_row=0)
+
+    def window(poisoned: list[bool]):
+        for index, poison in enumerate(poisoned):
+            loss = micro_loss(engine, target, poison)
+            guard.observe(loss)
+            engine.backward(loss)
+            if index == len(poisoned) - 1:
+                guard.arm()
+            engine.step()
+
+    window([False, False])
+    before = weights_and_adam_state(engine)
+    window([False, True])
+    after = weights_and_adam_state(engine)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert not changed, f"a skipped step changed {changed[:5]}"
+    window([False, False])
+    again = weights_and_adam_state(engine)
+    assert any(not torch.equal(after[name], again[name]) for name in after), "the next clean step changed nothing"
+    assert guard.counters().tolist() == [1.0, 0.0, 1.0], "skipped, in a row now, longest run since the last read"
+
+
+def host_reads(fn) -> int:
+    """``.item()`` / ``bool()`` / ``float()`` of a tensor: on a GPU each one waits for the device to catch up."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::_local_scalar_dense")
+
+
+def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path):
+    """Between its periodic checks the loop reads nothing back from the device: over 6 steps of 2 micro-batches it
+    makes the host reads DeepSpeed's own steps make (its gradient clipping's), plus at most the epoch-end check."""
+    cfg = micro_config("fp32", zero_stage=1, accumulation=2)
+    cfg.output_dir, cfg.log.every_steps, cfg.engine.check_every_steps = str(tmp_path), 1000, 1000
+    cfg.log.wandb_mode, cfg.log.progress = "disabled", False
+    cfg.run_dir.mkdir(parents=True)
+    target = PixelTarget(8)
+    engine = build_engine(cfg, MIMModel(cfg.model, target.out_dim), 1, process_group.device)
+    mask = MaskIndices.from_bool(torch.stack([torch.from_numpy(RandomMaskGenerator((4, 4), 8).mask_for(0, 0, i))
+                                              for i in range(4)]))
+    raw = {"images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "visible": mask.visible,
+           "masked": mask.masked, "corrupt_skipped": torch.zeros((), dtype=torch.long)}
+    runner = EpochRunner(cfg, engine, target, process_group.device, RunLogger(cfg, True, 0, 0), steps_per_epoch=6)
+    loop_reads = host_reads(lambda: runner.run_epoch([raw] * 12, TrainState(), lambda: False))
+
+    def bare_steps():
+        for _ in range(12):
+            engine.backward(micro_loss(engine, target))
+            engine.step()
+
+    assert loop_reads - host_reads(bare_steps) <= 1

@@ -1,14 +1,6 @@
-"""Elastic resume: a run stopped mid-epoch on W processes goes on on W' with the loss curve of an uninterrupted run.
+"""Elastic resume: a run stopped mid-epoch on W processes goes on on W' with the loss curve of an uninterrupted run."""
 
-Run as a script, this file is ``smim-train`` that stops on its own after STEPS optimizer steps, as it would on a
-preemption signal (with a checkpoint at that step boundary):
-
-    python tests/test_elastic.py STEPS --config ... overrides
-"""
-
-import itertools
 import json
-import sys
 
 import pytest
 import torch
@@ -25,7 +17,8 @@ def train_for(nproc: int, steps: int | None, overrides: list[str]):
     if steps is None:
         return train_cli(nproc, TINY_CONFIG, overrides)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return run_cli([*launcher, "tests/test_elastic.py", str(steps), "--config", TINY_CONFIG, *overrides])
+    return run_cli([*launcher, "tests/scripts/train_with_faults.py", "--stop-after", str(steps), "--config", TINY_CONFIG,
+                    *overrides])
 
 
 def final_weights(run_dir):
@@ -70,15 +63,3 @@ def test_stopped_run_resumes_on_other_world_sizes(tmp_path, demo_data, uninterru
         assert (checkpoints / tag / "universal" / "manifest.json").exists()
         assert checkpoint_problem(checkpoints / tag) is None, "the conversion inside does not spoil the checkpoint"
 
-
-if __name__ == "__main__":
-    from smim_dist import train
-
-    steps, calls, real_train = int(sys.argv[1]), itertools.count(), train.train
-
-    def train_until(cfg, dist_info, stop_requested, *args, **kwargs):
-        # the loop asks once per optimizer step, before its first micro-batch
-        return real_train(cfg, dist_info, lambda: next(calls) >= steps, *args, **kwargs)
-
-    train.train = train_until
-    sys.exit(train.main(sys.argv[2:]))

@@ -29,25 +29,33 @@ def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
             assert got[step] == pytest.approx(loss, rel=2e-4), f"ZeRO-{stage} step {step}"
 
 
-def test_nan_on_one_rank_is_skipped_by_all_ranks(tmp_path, demo_data):
+def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=nan")
-    run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "tests/scripts/train_with_nan.py", "0", "2,3", "--config", TINY_CONFIG, *overrides])
+    train_with_faults(2, ["--nan-calls", "2,3"], overrides)
     records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["skipped_steps"] == 2
-    assert records[-1]["step"] == 6, "8 micro-batches minus the 2 skipped ones, one optimizer step each"
+    assert [r["step"] for r in records] == list(range(1, 9)), "every step is taken, the skipped ones included"
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 2, 2, 2, 2], "steps 3 and 4 had rank 0's NaNs"
     assert all(r["loss"] == r["loss"] for r in records), "no NaN reached the logged loss"
 
 
 def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=diverge", "engine.max_bad_steps=3",
                                "checkpoint.every_epochs=1")
-    proc = run_cli(["tests/scripts/train_with_nan.py", "0", "9+", "--config", TINY_CONFIG, *overrides], check=False)
+    proc = train_with_faults(1, ["--nan-calls", "9+"], overrides, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "3 non-finite losses in a row" in proc.stderr and "engine.max_bad_steps=3" in proc.stderr
+    assert "3 steps in a row had a non-finite loss" in proc.stderr and "engine.max_bad_steps=3" in proc.stderr
     checkpoints = tmp_path / "diverge" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000004"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004"]
+
+
+def test_bad_steps_between_two_host_reads_are_still_caught(tmp_path, demo_data):
+    """With a read every 4 steps, steps 5-6 are skipped and 7-8 recover before the read at step 8: still 2 in a row."""
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=between", "engine.max_bad_steps=2",
+                               "engine.check_every_steps=4", "log.every_steps=4")
+    proc = train_with_faults(1, ["--nan-calls", "8,10"], overrides, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "2 steps in a row had a non-finite loss (engine.max_bad_steps=2) by step 8" in proc.stderr
 
 
 def test_demo_config_end_to_end(tmp_path, demo_data):
@@ -144,7 +152,7 @@ def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_
     common = ["checkpoint.every_epochs=1", "log.wandb_mode=offline"]
     train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=crashed", *common, "engine.max_bad_steps=1")
-    crash = run_cli(["tests/scripts/train_with_nan.py", "0", "8", "--config", TINY_CONFIG, *overrides], check=False)
+    crash = train_with_faults(1, ["--nan-calls", "8"], overrides, check=False)
     assert crash.returncode == 3
     run = tmp_path / "crashed"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
@@ -172,28 +180,31 @@ def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
     assert json.loads((checkpoints / "step_00000008" / "meta.json").read_text())["epoch"] == 2
 
 
-def train_with_nan(nproc: int, calls: str, overrides: list[str], **kw):
+def train_with_faults(nproc: int, faults: list[str], overrides: list[str], **kw):
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return run_cli([*launcher, "tests/scripts/train_with_nan.py", "0", calls, "--config", TINY_CONFIG, *overrides], **kw)
+    return run_cli([*launcher, "tests/scripts/train_with_faults.py", *faults, "--config", TINY_CONFIG, *overrides],
+                   **kw)
 
 
 @pytest.mark.parametrize("source, nproc", [("ffcv", 1), ("ffcv", 2), ("imagefolder", 1), ("webdataset", 1)])
-def test_mid_epoch_resume_after_a_skip_inside_an_accumulation_window_is_exact(tmp_path, demo_data, source, nproc):
-    """One NaN in epoch 1 leaves it 7 good micro-batches (accumulation 2): its checkpoint waits for step 4, inside
-    epoch 2. A run that crashes after that checkpoint and is resumed must give the uninterrupted loss curve."""
-    common = ["checkpoint.every_epochs=1", "engine.max_bad_steps=2", f"data.source={source}",
-              f"optim.micro_batch={8 // nproc}", "data.shuffle_buffer=16"]
+def test_mid_epoch_resume_after_a_skipped_step_is_exact(tmp_path, demo_data, source, nproc):
+    """A NaN skips step 2; a run stopped at step 5, inside epoch 2, and resumed must give the uninterrupted loss
+    curve, skipped-step count and weights' trajectory."""
+    common = ["checkpoint.every_epochs=1", f"data.source={source}", f"optim.micro_batch={8 // nproc}",
+              "data.shuffle_buffer=16"]
     straight = tiny_overrides(tmp_path, demo_data, "run_name=one_skip", *common)
-    train_with_nan(nproc, "3", straight)
+    train_with_faults(nproc, ["--nan-calls", "3"], straight)
     checkpoints = tmp_path / "one_skip" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004", "step_00000007"]
-    assert len(losses(tmp_path / "one_skip")) == 7, "15 good micro-batches make 7 steps"
-    crashing = tiny_overrides(tmp_path, demo_data, "run_name=crash_late", *common)
-    crash = train_with_nan(nproc, "3,10,11", crashing, check=False)
-    assert crash.returncode != 0
-    assert (tmp_path / "crash_late" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    train_cli(nproc, TINY_CONFIG, crashing)
-    assert losses(tmp_path / "crash_late") == pytest.approx(losses(tmp_path / "one_skip"), rel=1e-6)
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008"]
+    stopped = tiny_overrides(tmp_path, demo_data, "run_name=stopped", *common)
+    train_with_faults(nproc, ["--nan-calls", "3", "--stop-after", "5"], stopped)
+    latest = (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((tmp_path / "stopped" / "checkpoints" / latest / "meta.json").read_text())
+    assert (latest, meta["batch_in_epoch"], meta["skipped"]) == ("step_00000005", 2, 1), "1 step into epoch 2"
+    train_cli(nproc, TINY_CONFIG, stopped)
+    assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "one_skip"), rel=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 1
 
 
 def test_webdataset_spec_without_shards_is_refused(tmp_path, demo_data):

@@ -36,9 +36,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """bf16 runs without DeepSpeed's per-gradient overflow checks: bf16 has fp32's range, and the loop already skips
-    every non-finite loss on all ranks before its backward. On an H200 those checks (six small kernels per parameter
-    tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md."""
+    """bf16 runs without DeepSpeed's per-gradient overflow checks: bf16 has fp32's range, and the loop's non-finite
+    guard already skips the update of every step with a non-finite loss on any rank. On an H200 those checks (six small
+    kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md."""
     optim, engine = cfg.optim, cfg.engine
     ds = {
         "train_batch_size": optim.global_batch,

@@ -1,4 +1,4 @@
-"""Process-group setup from the usual launcher variables, and the few collective decisions ranks must share."""
+"""Process-group setup from the usual launcher variables."""
 
 from __future__ import annotations
 
@@ -44,14 +44,6 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
-
-
-def any_rank(flags: torch.Tensor) -> list[bool]:
-    """For each flag, True on every rank if it is true on any rank: one tiny all-reduce and one host read, which is
-    how all ranks take the same branch (skip a step, stop) in the same micro-step."""
-    flags = flags.detach().to(torch.float32).reshape(-1)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(flag) for flag in flags.tolist()]
 
 
 def barrier() -> None:

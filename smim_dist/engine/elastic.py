@@ -2,9 +2,8 @@
 
 The data side needs one number converted: the sampler lays an epoch out as (step, micro-step, rank, sample), so k
 micro-batches consumed on each of W ranks are the first k x W x micro_batch samples of the epoch on any world size,
-and ``batch_in_epoch`` scales by W / W'. At a step boundary without skipped micro-batches this is
-steps x accumulation', exact; after a skipped non-finite micro-batch it may not divide, and the part of a micro-batch
-that does not is read again. The LR follows ``step``, which does not change. (Webdataset shards are split over the
+and ``batch_in_epoch`` scales by W / W'. Checkpoints fall on step boundaries, so this is steps x accumulation', exact.
+The LR follows ``step``, which does not change. (Webdataset shards are split over the
 ranks, so there the rest of an interrupted epoch is re-split: some of its samples are seen twice, some not at all.)
 
 The model side depends on where the optimizer state lives. Replicated (ZeRO-0 in fp32) it loads on any world size as

@@ -13,15 +13,11 @@ import torch.distributed as dist
 from smim_dist.config import Config
 from smim_dist.data.batch import DeviceNormalizer
 from smim_dist.engine.deepspeed_setup import set_lr
-from smim_dist.engine.distributed import any_rank
+from smim_dist.engine.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.logging import RunLogger
 from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
 from smim_dist.targets.build import MIMTarget
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row: the run stops rather than train on garbage."""
 
 
 @dataclass
@@ -30,12 +26,11 @@ class TrainState:
 
     epoch: int = 0
     batch_in_epoch: int = 0
-    """micro-batches of this epoch already consumed (trained or skipped)"""
+    """micro-batches of this epoch already consumed"""
     step: int = 0
-    """optimizer steps taken"""
-    micro_in_window: int = 0
-    """good micro-batches accumulated towards the next optimizer step"""
+    """optimizer steps taken, skipped ones included: the LR schedule and the data position follow it"""
     skipped: int = 0
+    """steps whose update was skipped because some rank had a non-finite loss in their window"""
     bad_in_row: int = 0
     corrupt_images: int = 0
     """undecodable images this rank's loader passed over"""
@@ -68,78 +63,85 @@ class EpochRunner:
     def lr_at(self, step: int) -> float:
         return cosine_lr(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr, self.cfg.optim.min_lr)
 
-    def run_epoch(self, loader, state: TrainState, stop_requested: Callable[[], bool],
-                  pause_at_next_step: bool = False) -> str:
-        """Train until the loader is exhausted ("done"), every rank agreed to stop at a step boundary ("stop"), or,
-        with ``pause_at_next_step``, the next optimizer step is taken ("pause"); checkpoints are only ever written at
-        step boundaries, where no gradients are half accumulated."""
-        engine, flags = self.engine, torch.zeros(2, device=self.device)
-        loss_sums, good_micro = torch.zeros(2, device=self.device), 0
+    def run_epoch(self, loader, state: TrainState, stop_requested: Callable[[], bool]) -> str:
+        """Train until the loader is exhausted ("done") or every rank agreed to stop ("stop"), always at a step
+        boundary, where no gradients are half accumulated. Nothing in a step waits for the device: the host reads it
+        every ``engine.check_every_steps`` steps, at log steps and at the end of the epoch, and there all ranks
+        agree on stopping (a signal on any rank) and on giving up (``engine.max_bad_steps``)."""
+        engine, stop_seen = self.engine, False
+        guard = NonFiniteGuard(engine, self.device, state.skipped, state.bad_in_row)
+        sums = torch.zeros(3, device=self.device)  # loss, image-blind loss, finite micro-batches
+        corrupt = torch.zeros((), dtype=torch.long)
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
         for raw in loader:
             data_wait += time.perf_counter() - fetch_start
-            state.corrupt_images += int(raw["corrupt_skipped"])
+            corrupt += raw["corrupt_skipped"]
             batch = self.normalize(raw)
             targets = gather_masked(self.target(batch.images, batch.tokenizer_views), batch.mask.masked)
-            if state.micro_in_window == 0:
+            if state.batch_in_epoch % self.accumulation == 0:
                 set_lr(engine, self.lr_at(state.step))
             prediction = engine(batch.images.to(self.dtype), batch.mask)
             loss = mim_loss(prediction, targets)
-            state.batch_in_epoch += 1
-            flags[0] = ~torch.isfinite(loss.detach())
-            flags[1] = float(state.micro_in_window == 0 and stop_requested())
-            non_finite, stop = any_rank(flags)
-            if stop:
-                state.batch_in_epoch -= 1
-                return "stop"
-            if non_finite:
-                state.skipped += 1
-                state.bad_in_row += 1
-                self.logger.info(f"non-finite loss at step {state.step}, micro-batch {state.batch_in_epoch} of epoch "
-                                 f"{state.epoch}: skipped on all ranks ({state.bad_in_row} in a row)")
-                if state.bad_in_row >= self.cfg.engine.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{state.bad_in_row} non-finite losses in a row (engine.max_bad_steps="
-                        f"{self.cfg.engine.max_bad_steps}) at step {state.step}; the last good checkpoint is left "
-                        "untouched. Lower optim.lr, raise optim.warmup_epochs or use engine.precision=fp32/bf16")
-                fetch_start = time.perf_counter()
-                continue
-            state.bad_in_row = 0
+            finite = guard.observe(loss)
+            sums += torch.where(finite, torch.stack([loss.detach(), image_blind_loss(prediction, targets),
+                                                     torch.ones((), device=self.device)]), 0.0)
             engine.backward(loss)
+            state.batch_in_epoch += 1
+            window_done = state.batch_in_epoch % self.accumulation == 0
+            if window_done:
+                guard.arm()
             engine.step()
-            loss_sums += torch.stack([loss.detach(), image_blind_loss(prediction, targets)])
-            good_micro += 1
-            state.micro_in_window += 1
-            if state.micro_in_window == self.accumulation:
-                state.micro_in_window = 0
+            if window_done:
                 state.step += 1
                 window_steps += 1
                 self.logger.advance(1)
-                if state.step % self.cfg.log.every_steps == 0 or state.step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self._log(state, loss_sums, good_micro, elapsed, data_wait, window_steps)
-                    loss_sums.zero_()
-                    good_micro, window_steps, data_wait = 0, 0, 0.0
+                stop_seen = stop_seen or stop_requested()
+                log_due = state.step % self.cfg.log.every_steps == 0 or state.step == self.total_steps
+                stop = (log_due or state.step % self.cfg.engine.check_every_steps == 0) \
+                    and self._agree_to_stop(state, guard, corrupt, stop_seen)
+                if log_due:
+                    self._log(state, sums, time.perf_counter() - window_start, data_wait, window_steps)
+                    sums.zero_()
+                    window_steps, data_wait = 0, 0.0
                     window_start = time.perf_counter()
-                if pause_at_next_step:
-                    return "pause"
+                if stop:
+                    return "stop"
             fetch_start = time.perf_counter()
         state.epoch += 1
         state.batch_in_epoch = 0
-        return "done"
+        return "stop" if self._agree_to_stop(state, guard, corrupt, stop_seen) else "done"
 
-    def _log(self, state: TrainState, loss_sums: torch.Tensor, good_micro: int, elapsed: float, data_wait: float,
-             steps: int) -> None:
-        """Metrics over the steps since the last log; the loss is the mean over all ranks' micro-batches."""
-        counts = torch.tensor([good_micro, state.corrupt_images], dtype=torch.float32, device=self.device)
-        totals = torch.cat([loss_sums, counts])
+    def _agree_to_stop(self, state: TrainState, guard: NonFiniteGuard, corrupt: torch.Tensor, stop_seen: bool) -> bool:
+        """The loop's one host read between log steps: brings the device counters into ``state`` and decides, the
+        same on every rank, whether to stop."""
+        flags = torch.cat([guard.counters(), torch.tensor([float(stop_seen)], device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skipped, bad_in_row, worst_in_row, stop = (int(value) for value in flags.tolist())
+        if skipped > state.skipped:
+            self.logger.info(f"{skipped - state.skipped} step(s) up to step {state.step} skipped on all ranks for a "
+                             f"non-finite loss ({skipped} in all)")
+        state.skipped, state.bad_in_row = skipped, bad_in_row
+        state.corrupt_images += int(corrupt)
+        corrupt.zero_()
+        if worst_in_row >= self.cfg.engine.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{worst_in_row} steps in a row had a non-finite loss (engine.max_bad_steps="
+                f"{self.cfg.engine.max_bad_steps}) by step {state.step}; the last good checkpoint is left untouched. "
+                "Lower optim.lr, raise optim.warmup_epochs or use engine.precision=fp32/bf16")
+        return bool(stop)
+
+    def _log(self, state: TrainState, sums: torch.Tensor, elapsed: float, data_wait: float, steps: int) -> None:
+        """Metrics over the steps since the last log; the loss is the mean over all ranks' finite micro-batch losses
+        (None when there was none)."""
+        totals = torch.cat([sums, torch.tensor([state.corrupt_images], dtype=torch.float32, device=self.device)])
         dist.all_reduce(totals)
+        loss_sum, blind_sum, finite, corrupt = totals.tolist()
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "epoch": state.epoch + state.batch_in_epoch / (self.steps_per_epoch * self.accumulation),
-            "loss": float(totals[0] / totals[2].clamp(min=1)),
-            "image_blind_loss": float(totals[1] / totals[2].clamp(min=1)),
+            "loss": loss_sum / finite if finite else None,
+            "image_blind_loss": blind_sum / finite if finite else None,
             "lr": self.lr_at(state.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "images_per_s": steps * self.cfg.optim.global_batch / elapsed,
@@ -147,11 +149,12 @@ class EpochRunner:
             "data_wait_frac": data_wait / elapsed,
             "peak_mem_mb": _peak_memory_mb(self.device),
             "skipped_steps": state.skipped,
-            "corrupt_images": int(totals[3]),
+            "corrupt_images": int(corrupt),
         }
         self.logger.log(state.step, metrics)
         self.logger.advance(0, loss=metrics["loss"], lr=metrics["lr"])
-        self.logger.info(f"step {state.step}/{self.total_steps} ep {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
-                         f"(image-blind {metrics['image_blind_loss']:.4f}) "
+        losses = "no finite loss" if metrics["loss"] is None else \
+            f"loss {metrics['loss']:.4f} (image-blind {metrics['image_blind_loss']:.4f})"
+        self.logger.info(f"step {state.step}/{self.total_steps} ep {metrics['epoch']:.2f} {losses} "
                          f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s "
                          f"data-wait {100 * metrics['data_wait_frac']:.0f}%")

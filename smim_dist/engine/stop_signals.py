@@ -2,8 +2,8 @@
 
 A signal arrives in the middle of a step, on some ranks and not others; saving from the handler would start a
 collective checkpoint while other ranks are inside a forward pass. The handler only records the signal; every rank
-reads the record once per step and they agree (``any_rank``), so all stop after the same step and write the checkpoint
-together.
+looks at the record after each step, and at the loop's periodic check (``engine.check_every_steps``) they agree, so all
+stop after the same step and write the checkpoint together.
 """
 
 from __future__ import annotations
