@@ -8,7 +8,9 @@
 2. The bf16 engine then trains ``--steps`` steps at ``--batch`` the way the training loop does (targets, forward,
    loss, ``engine.backward``, ``engine.step``): images/s and MFU of the product path, DeepSpeed's overheads included,
    next to DeepSpeed's ``torch_autocast`` mode (fp32 weights, bf16 compute: a candidate for the bf16 setting) and the
-   same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process.
+   same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process; then the whole training loop
+   (``EpochRunner.run_epoch`` on uint8 loader batches: normalisation, targets, the non-finite guard, metrics, a host
+   read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine.
 3. The DALL-E tokenizer (BEiT's target: 52 GFLOP per 112-px view, as much as the ViT-B/16 training step's 53) is
    timed as the target runs it and in faster layouts / precisions, with the share of codes each agrees on (random
    weights: a numerical-sensitivity figure only).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 
 import deepspeed
 import torch
@@ -27,11 +30,13 @@ import torch
 from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import build_engine, deepspeed_config, set_lr
 from smim_dist.engine.distributed import init_distributed
+from smim_dist.engine.loop import TrainState
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.models.flops import forward_flops
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.dalle import DalleEncoder, map_pixels
 from smim_dist.targets.hog import HOGTarget
+from scaling import build_runner, make_config, synthetic_batch, time_steps
 from step import StepRunner, make_batch, peak_tflops, timed
 
 
@@ -81,7 +86,8 @@ def check_bf16_matches_fp32(args, device, target) -> bool:
     return ok
 
 
-def time_engine(args, device, target, peak: float) -> None:
+def time_engine(args, dist_info, target, peak: float) -> None:
+    device = dist_info.device
     torch.manual_seed(0)
     cfg = engine_config("bf16", args.batch)
     engine = build_engine(cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
@@ -107,9 +113,28 @@ def time_engine(args, device, target, peak: float) -> None:
         tflops = flops / seconds[label] / 1e12
         print(f"  {label}, ViT-B/16 proxy, MaskFeat, batch {args.batch}: {1e3 * seconds[label]:.1f} ms/step, "
               f"{args.batch / seconds[label]:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
-    engine_time, autocast_time, plain_time = seconds.values()
+    seconds["loop"] = time_loop(args, dist_info)
+    tflops = flops / seconds["loop"] / 1e12
+    print(f"  the training loop around the DeepSpeed bf16 engine: {1e3 * seconds['loop']:.1f} ms/step, "
+          f"{args.batch / seconds['loop']:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
+    engine_time, autocast_time, plain_time, loop_time = seconds.values()
     print(f"  step time / plain torch's: DeepSpeed bf16 {engine_time / plain_time:.2f}, DeepSpeed torch_autocast "
-          f"{autocast_time / plain_time:.2f}")
+          f"{autocast_time / plain_time:.2f}, the training loop {loop_time / plain_time:.2f}")
+
+
+def time_loop(args, dist_info) -> float:
+    """Seconds per step of ``EpochRunner.run_epoch``, the fastest of 3 rounds of ``args.steps`` steps."""
+    loop_args = argparse.Namespace(size="base", mode="proxy", img=args.img, patch=args.patch, target="maskfeat",
+                                   mask_ratio=args.mask_ratio, batch=args.batch, precision="bf16")
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = make_config(loop_args, 1, 1, out_dir)
+        cfg.model.drop_path = 0.0
+        runner, _ = build_runner(cfg, dist_info)
+        batch = synthetic_batch(cfg, dist_info)
+        runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
+        elapsed, _ = time_steps(runner, batch, args.steps, rounds=3)
+        runner.logger.close()
+    return elapsed / args.steps
 
 
 def time_tokenizer(args, device) -> None:
@@ -156,7 +181,7 @@ def main() -> int:
     ok = check_bf16_matches_fp32(args, device, target)
     peak, source = peak_tflops(device, "bf16")
     print(f"training loop speed (peak {peak:.0f} TFLOP/s, {source})")
-    time_engine(args, device, target, peak)
+    time_engine(args, dist_info, target, peak)
     time_tokenizer(args, device)
     torch.distributed.destroy_process_group()
     return 0 if ok else 1
