@@ -6,8 +6,7 @@
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
 (bf16 weights, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused
-AdamW), per ZeRO stage. torch.profiler
-counts the ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the
+AdamW, ZeRO 1/2 clipping inside AdamW), per ZeRO stage. torch.profiler counts the ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the
 host reads (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``). On a GPU a read of a device tensor stalls
 the host until the device is done; on a CPU reads cost nothing, and some (torch's CPU AdamW reading its step count)
 happen only there. Operator counts do not depend on the machine; times do.
@@ -24,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import deepspeed_config, param_groups
+from smim_dist.engine.deepspeed_setup import CLIPPED_IN_ADAMW, clip_inside_adamw, deepspeed_config, param_groups
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.models.mim import MIMModel
@@ -94,6 +93,8 @@ def main() -> None:
         model = copy.deepcopy(base).to(device)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
+        if stage in CLIPPED_IN_ADAMW:
+            clip_inside_adamw(engine, cfg.optim.clip_grad)
 
         def engine_step(engine=engine) -> None:
             loss = mim_loss(engine(images.to(torch.bfloat16), mask), targets)

@@ -10,7 +10,8 @@
    next to DeepSpeed's ``torch_autocast`` mode (fp32 weights, bf16 compute: a candidate for the bf16 setting) and the
    same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process; then the whole training loop
    (``EpochRunner.run_epoch`` on uint8 loader batches: normalisation, targets, the non-finite guard, metrics, a host
-   read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine.
+   read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine,
+   and every host synchronisation in its steps by source line (``torch.cuda.set_sync_debug_mode``).
 3. The DALL-E tokenizer (BEiT's target: 52 GFLOP per 112-px view, as much as the ViT-B/16 training step's 53) is
    timed as the target runs it and in faster layouts / precisions, with the share of codes each agrees on (random
    weights: a numerical-sensitivity figure only).
@@ -20,9 +21,12 @@ Exits 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import sys
 import tempfile
+import warnings
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -133,8 +137,26 @@ def time_loop(args, dist_info) -> float:
         batch = synthetic_batch(cfg, dist_info)
         runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
         elapsed, _ = time_steps(runner, batch, args.steps, rounds=3)
+        report_syncs(runner, batch, args.steps)
         runner.logger.close()
     return elapsed / args.steps
+
+
+def report_syncs(runner, batch: dict, steps: int) -> None:
+    """Every synchronising CUDA call in ``steps`` steps of the loop, by the Python line that made it, through
+    ``torch.cuda.set_sync_debug_mode``: the loop's own reads (every ``engine.check_every_steps`` and at the epoch
+    end) and whatever DeepSpeed still does per step."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            runner.run_epoch([batch] * steps, TrainState(), lambda: False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sources = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                  if "synchroniz" in str(w.message))
+    print(f"  host syncs in {steps} steps of the training loop: {sum(sources.values())}"
+          + "".join(f"\n    {count} x {where}" for where, count in sources.most_common()))
 
 
 def time_tokenizer(args, device) -> None:

@@ -12,10 +12,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import stage_1_and_2
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import build_engine
+from smim_dist.engine.deepspeed_setup import build_engine, fused_adamw
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
-from smim_dist.engine.nonfinite_guard import NonFiniteGuard, fused_adamw
+from smim_dist.engine.nonfinite_guard import NonFiniteGuard
 from smim_dist.logging import RunLogger
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.masking import RandomMaskGenerator
@@ -49,13 +49,16 @@ def micro_config(precision: str, zero_stage: int = 1, accumulation: int = 1) -> 
     return cfg
 
 
-def micro_engine(device, precision: str, zero_stage: int = 1, accumulation: int = 1):
+def micro_engine(device, precision: str, zero_stage: int = 1, accumulation: int = 1, clip_grad: float = 3.0):
     cfg = micro_config(precision, zero_stage, accumulation)
+    cfg.optim.clip_grad = clip_grad
     target = PixelTarget(8)
     return build_engine(cfg, MIMModel(cfg.model, target.out_dim), 1, device), target
 
 
-def micro_loss(engine, target, poisoned: bool = False):
+def micro_loss(engine, target, poisoned: bool = False, seed: int | None = None):
+    if seed is not None:
+        torch.manual_seed(seed)
     images = torch.randn(4, 3, 32, 32)
     mask = MaskIndices.from_bool(torch.stack([torch.from_numpy(RandomMaskGenerator((4, 4), 8).mask_for(0, 0, i))
                                               for i in range(4)]))
@@ -106,9 +109,12 @@ def test_a_window_with_a_non_finite_loss_leaves_weights_and_adam_state_untouched
             loss = micro_loss(engine, target, poison)
             guard.observe(loss)
             engine.backward(loss)
-            if index == len(poisoned) - 1:
+            last = index == len(poisoned) - 1
+            if last:
                 guard.arm()
             engine.step()
+            if last:
+                guard.record_step()
 
     window([False, False])
     before = weights_and_adam_state(engine)
@@ -156,3 +162,23 @@ def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path
 
     engine_reads = host_reads(bare_steps)
     assert loop_reads - engine_reads <= 1, f"the loop read the device {loop_reads - engine_reads} more times"
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_group, zero_stage):
+    """ZeRO 1/2 clip through the fused AdamW's ``grad_scale`` (no host read); the weights must follow DeepSpeed's own
+    clipping of the same gradients, and differ from an unclipped run's (the clip is active)."""
+    weights = {}
+    for label in ("inside AdamW", "DeepSpeed", "unclipped"):
+        torch.manual_seed(0)
+        engine, target = micro_engine(process_group.device, "fp32", zero_stage,
+                                      clip_grad=0.0 if label == "unclipped" else 0.05)
+        if label == "DeepSpeed":
+            engine.optimizer.clip_grad = 0.05  # as a checkpoint written with DeepSpeed's clipping on restores it
+        for step in range(3):
+            engine.backward(micro_loss(engine, target, seed=step))
+            engine.step()
+        weights[label] = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
+    for name, value in weights["DeepSpeed"].items():
+        torch.testing.assert_close(weights["inside AdamW"][name], value, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(weights["unclipped"][name], value) for name, value in weights["DeepSpeed"].items())

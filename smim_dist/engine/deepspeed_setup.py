@@ -10,6 +10,8 @@ from torch import nn
 from smim_dist.config import Config, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLIPPED_IN_ADAMW = (1, 2)
+"""ZeRO stages whose gradient clipping this module does inside the fused AdamW rather than leaving it to DeepSpeed"""
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -44,7 +46,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_batch_size": optim.global_batch,
         "train_micro_batch_size_per_gpu": optim.micro_batch,
         "gradient_accumulation_steps": optim.accumulation_steps(world_size),
-        "gradient_clipping": optim.clip_grad,
+        "gradient_clipping": 0.0 if engine.zero_stage in CLIPPED_IN_ADAMW else optim.clip_grad,
         "zero_optimization": {"stage": engine.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -64,9 +66,41 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.d
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
+    if cfg.engine.zero_stage in CLIPPED_IN_ADAMW and cfg.optim.clip_grad > 0 and not engine.fp16_enabled():
+        clip_inside_adamw(engine, cfg.optim.clip_grad)
     if cfg.engine.compile:
         engine.compile()
     return engine
+
+
+def fused_adamw(engine) -> torch.optim.AdamW:
+    """The torch optimizer DeepSpeed steps: the engine's own (ZeRO 0 in fp32) or the one its ZeRO / mixed-precision
+    wrapper holds."""
+    optimizer = engine.optimizer if isinstance(engine.optimizer, torch.optim.Optimizer) else engine.optimizer.optimizer
+    if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
+        raise TypeError(f"expected torch's fused AdamW inside DeepSpeed, got {type(optimizer)}")
+    return optimizer
+
+
+def clip_inside_adamw(engine, max_norm: float) -> None:
+    """ZeRO 1/2 clipping without a host read. DeepSpeed's own clipping reads the global gradient norm back to the host
+    every step (to reject an invalid one), which stalls the GPU queue. DeepSpeed computes that norm on the device
+    before it steps its param groups, so a pre-step hook hands the fused AdamW the clip factor as its ``grad_scale``
+    (the kernel divides the gradients by it, as for ``torch.amp.GradScaler``). A non-finite norm raises ``found_inf``
+    instead, and the update is skipped, as the non-finite guard skips one. Where DeepSpeed clips after all (a
+    checkpoint written with its clipping on restores it), the hook stands aside."""
+    zero_optimizer, adamw = engine.optimizer, fused_adamw(engine)
+
+    def before_update(optimizer, args, kwargs) -> None:
+        if zero_optimizer.clip_grad > 0:
+            return
+        norm = zero_optimizer._global_grad_norm
+        invalid = (~torch.isfinite(norm) | (norm < 0)).float()
+        optimizer.grad_scale = torch.where(invalid > 0, 1.0, ((norm + 1e-6) / max_norm).clamp(min=1.0))
+        found_inf = getattr(optimizer, "found_inf", None)
+        optimizer.found_inf = invalid if found_inf is None else torch.maximum(found_inf, invalid)
+
+    adamw.register_step_pre_hook(before_update)
 
 
 def set_lr(engine, lr: float) -> None:

@@ -93,6 +93,7 @@ class EpochRunner:
                 guard.arm()
             engine.step()
             if window_done:
+                guard.record_step()
                 state.step += 1
                 window_steps += 1
                 self.logger.advance(1)

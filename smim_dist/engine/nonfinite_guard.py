@@ -4,9 +4,9 @@ The loop cannot ask "was that loss finite?" before the backward without stalling
 once per micro-step. Instead every micro-batch goes through its backward, and at the end of the accumulation window
 the ranks all-reduce one flag, "some loss of this window was not finite", into the ``found_inf`` input of torch's
 fused AdamW inside DeepSpeed (the input ``torch.amp.GradScaler`` uses): when it is 1 the kernel leaves weights, moments
-and step count as they were. So a non-finite loss costs its whole window, on every rank, and the counters (steps
-skipped, skipped in a row) stay on the device until the loop reads them with its other decisions every
-``engine.check_every_steps`` steps.
+and step count as they were (``deepspeed_setup.clip_inside_adamw`` raises the same flag for a non-finite gradient
+norm). So a non-finite loss costs its whole window, on every rank, and the counters (steps skipped, skipped in a row)
+stay on the device until the loop reads them with its other decisions every ``engine.check_every_steps`` steps.
 """
 
 from __future__ import annotations
@@ -14,18 +14,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from smim_dist.engine.deepspeed_setup import fused_adamw
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many steps in a row skipped for non-finite losses: the run stops rather than train on garbage."""
-
-
-def fused_adamw(engine) -> torch.optim.AdamW:
-    """The torch optimizer DeepSpeed steps: the engine's own (ZeRO 0 in fp32) or the one its ZeRO / mixed-precision
-    wrapper holds."""
-    optimizer = engine.optimizer if isinstance(engine.optimizer, torch.optim.Optimizer) else engine.optimizer.optimizer
-    if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
-        raise TypeError(f"the non-finite guard needs torch's fused AdamW inside DeepSpeed, got {type(optimizer)}")
-    return optimizer
 
 
 class NonFiniteGuard:
@@ -51,10 +44,15 @@ class NonFiniteGuard:
         bad = self.window_bad.clone()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.found_inf = bad
-        self.skipped += bad
-        self.bad_in_row.add_(1).mul_(bad)
-        torch.maximum(self.worst_in_row, self.bad_in_row, out=self.worst_in_row)
         self.window_bad.zero_()
+
+    def record_step(self) -> None:
+        """After that ``engine.step()``: count the step as skipped if AdamW was told to skip it, for a non-finite loss
+        or, where the clipping runs inside AdamW, a non-finite gradient norm."""
+        skipped = self.optimizer.found_inf
+        self.skipped += skipped
+        self.bad_in_row.add_(1).mul_(skipped)
+        torch.maximum(self.worst_in_row, self.bad_in_row, out=self.worst_in_row)
 
     def counters(self) -> torch.Tensor:
         """[skipped, bad_in_row, worst_in_row] as one device tensor, for the loop's periodic read."""
