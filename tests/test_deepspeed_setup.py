@@ -12,7 +12,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import stage_1_and_2
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import build_engine, fused_adamw
+from smim_dist.engine.deepspeed_setup import build_engine, clips_inside_adamw, deepspeed_config, fused_adamw
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard
@@ -182,3 +182,12 @@ def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_grou
     for name, value in weights["DeepSpeed"].items():
         torch.testing.assert_close(weights["inside AdamW"][name], value, rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(weights["unclipped"][name], value) for name, value in weights["DeepSpeed"].items())
+
+
+@pytest.mark.parametrize("zero_stage, precision, deepspeed_clips", [
+    (0, "bf16", True), (1, "bf16", False), (2, "fp32", False), (3, "bf16", True), (1, "fp16", True)])
+def test_only_zero_1_2_without_loss_scaling_leave_clipping_to_adamw(zero_stage, precision, deepspeed_clips):
+    """fp16's loss scaling and ZeRO 0/3 keep DeepSpeed's own clipping; nowhere is the clip dropped."""
+    cfg = micro_config(precision, zero_stage)
+    assert deepspeed_config(cfg, 1)["gradient_clipping"] == (cfg.optim.clip_grad if deepspeed_clips else 0.0)
+    assert clips_inside_adamw(cfg) is not deepspeed_clips

@@ -10,8 +10,6 @@ from torch import nn
 from smim_dist.config import Config, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CLIPPED_IN_ADAMW = (1, 2)
-"""ZeRO stages whose gradient clipping this module does inside the fused AdamW rather than leaving it to DeepSpeed"""
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -46,7 +44,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_batch_size": optim.global_batch,
         "train_micro_batch_size_per_gpu": optim.micro_batch,
         "gradient_accumulation_steps": optim.accumulation_steps(world_size),
-        "gradient_clipping": 0.0 if engine.zero_stage in CLIPPED_IN_ADAMW else optim.clip_grad,
+        "gradient_clipping": 0.0 if clips_inside_adamw(cfg) else optim.clip_grad,
         "zero_optimization": {"stage": engine.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -66,7 +64,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.d
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
-    if cfg.engine.zero_stage in CLIPPED_IN_ADAMW and cfg.optim.clip_grad > 0 and not engine.fp16_enabled():
+    if clips_inside_adamw(cfg):
         clip_inside_adamw(engine, cfg.optim.clip_grad)
     if cfg.engine.compile:
         engine.compile()
@@ -80,6 +78,11 @@ def fused_adamw(engine) -> torch.optim.AdamW:
     if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
         raise TypeError(f"expected torch's fused AdamW inside DeepSpeed, got {type(optimizer)}")
     return optimizer
+
+
+def clips_inside_adamw(cfg: Config) -> bool:
+    """ZeRO 1/2 in fp32 or bf16; fp16 keeps DeepSpeed's clipping, which its loss scaling needs anyway."""
+    return cfg.engine.zero_stage in (1, 2) and cfg.engine.precision != "fp16" and cfg.optim.clip_grad > 0
 
 
 def clip_inside_adamw(engine, max_norm: float) -> None:
