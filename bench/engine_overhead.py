@@ -3,6 +3,7 @@
     python bench/engine_overhead.py                                   # CPU: micro model, bf16, ZeRO 0-3
     python bench/engine_overhead.py --size base --img 224 --patch 16 --batch 256 --stages 1   # one GPU
     python bench/engine_overhead.py --check-grad-overflow             # DeepSpeed's default bf16 overflow checks
+    python bench/engine_overhead.py --torch-autocast --stages 1 2     # DeepSpeed's torch_autocast mode instead
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
 (bf16 weights, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--check-grad-overflow", action="store_true",
                         help="turn DeepSpeed's bf16 per-gradient overflow checks back on (its default)")
+    parser.add_argument("--torch-autocast", action="store_true",
+                        help="DeepSpeed's torch_autocast mode instead (fp32 weights and gradients, bf16 compute, "
+                             "DeepSpeed's clipping)")
     args = parser.parse_args()
     args.mask_ratio = 0.6
     device = init_distributed().device
@@ -90,24 +94,29 @@ def main() -> None:
         ds_config = deepspeed_config(cfg, 1)
         if args.check_grad_overflow:
             ds_config["bf16"] = {"enabled": True}
+        if args.torch_autocast:
+            del ds_config["bf16"]
+            ds_config.update(torch_autocast={"enabled": True, "dtype": "bfloat16"}, gradient_clipping=cfg.optim.clip_grad)
         model = copy.deepcopy(base).to(device)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
-        if clips_inside_adamw(cfg):
+        if clips_inside_adamw(cfg) and not args.torch_autocast:
             clip_inside_adamw(engine, cfg.optim.clip_grad)
+        input_dtype = torch.float32 if args.torch_autocast else torch.bfloat16
 
         def engine_step(engine=engine) -> None:
-            loss = mim_loss(engine(images.to(torch.bfloat16), mask), targets)
+            loss = mim_loss(engine(images.to(input_dtype), mask), targets)
             engine.backward(loss)
             engine.step()
 
-        rows[f"DeepSpeed bf16, ZeRO {stage}"] = count_ops(engine_step, args.steps, device)
+        mode = "torch_autocast" if args.torch_autocast else "bf16"
+        rows[f"DeepSpeed {mode}, ZeRO {stage}"] = count_ops(engine_step, args.steps, device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}; DeepSpeed's bf16 "
           f"overflow checks {'on' if args.check_grad_overflow else 'off (as smim-train runs)'}")
-    print(f"{'step':28s} {'aten ops':>9s} {'host reads':>11s} {'ms/step':>9s}")
+    print(f"{'step':34s} {'aten ops':>9s} {'host reads':>11s} {'ms/step':>9s}")
     for label, (ops, reads, ms) in rows.items():
-        print(f"{label:28s} {ops:9.0f} {reads:11.0f} {ms:9.1f}")
+        print(f"{label:34s} {ops:9.0f} {reads:11.0f} {ms:9.1f}")
     torch.distributed.destroy_process_group()
 
 
