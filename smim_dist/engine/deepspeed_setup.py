@@ -88,7 +88,8 @@ def clips_inside_adamw(cfg: Config) -> bool:
 def clip_inside_adamw(engine, max_norm: float) -> None:
     """ZeRO 1/2 clipping without a host read. DeepSpeed's own clipping reads the global gradient norm back to the host
     every step (to reject an invalid one), which stalls the GPU queue. DeepSpeed computes that norm on the device
-    before it steps its param groups, so a pre-step hook hands the fused AdamW the clip factor as its ``grad_scale``
+    (``_global_grad_norm``, private: tests/test_deepspeed_setup.py fails if an upgrade moves it) before it steps its
+    param groups, so a pre-step hook hands the fused AdamW the clip factor as its ``grad_scale``
     (the kernel divides the gradients by it, as for ``torch.amp.GradScaler``). A non-finite norm raises ``found_inf``
     instead, and the update is skipped, as the non-finite guard skips one. Where DeepSpeed clips after all (a
     checkpoint written with its clipping on restores it), the hook stands aside."""
