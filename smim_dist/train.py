@@ -98,6 +98,10 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
                 f"{cfg.engine.precision}, global batch {cfg.optim.global_batch} = {cfg.optim.micro_batch} x "
                 f"{engine.gradient_accumulation_steps()} accumulation x {dist_info.world_size}, "
                 f"{sampler.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
+    if cfg.engine.zero_stage == 0 and cfg.engine.precision != "fp32":
+        logger.info(f"note: ZeRO-0 in {cfg.engine.precision} steps through DeepSpeed's unfused fp16-style optimizer, "
+                    "which reads the device once per parameter tensor every step (bench/README.md); "
+                    "engine.zero_stage=1 is faster and shards the optimizer state")
     if state.epoch >= cfg.optim.epochs:
         logger.info(f"this run already finished its {cfg.optim.epochs} epochs; nothing to do (pick a new run_name, or "
                     "raise optim.epochs under a new run_name, to train again)")
