@@ -4,6 +4,7 @@
     python bench/engine_overhead.py --size base --img 224 --patch 16 --batch 256 --stages 1   # one GPU
     python bench/engine_overhead.py --check-grad-overflow             # DeepSpeed's default bf16 overflow checks
     python bench/engine_overhead.py --torch-autocast --stages 1 2     # DeepSpeed's torch_autocast mode instead
+    python bench/engine_overhead.py --stages 1 --show-reads           # where each host read comes from
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
 (bf16 weights, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused
@@ -16,6 +17,7 @@ happen only there. Operator counts do not depend on the machine; times do.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import time
 
@@ -32,18 +34,36 @@ from smim_dist.targets.pixels import PixelTarget
 from step import make_batch, synchronize
 
 
-def count_ops(step, steps: int, device: torch.device) -> tuple[float, float, float]:
-    """Operators and host reads per step (profiled), and the unprofiled time per step in ms."""
+def read_sources(prof) -> collections.Counter:
+    """Where the host reads come from: the innermost Python frame above each ``_local_scalar_dense`` (the profile
+    records Python frames as ``file.py(line): function`` parents)."""
+    sources = collections.Counter()
+    for event in prof.events():
+        if event.name == "aten::_local_scalar_dense":
+            parent = event.cpu_parent
+            while parent is not None and ".py(" not in parent.name:
+                parent = parent.cpu_parent
+            sources[parent.name if parent is not None else "?"] += 1
+    return sources
+
+
+def count_ops(step, steps: int, device: torch.device, show_reads_of: str | None = None) -> tuple[float, float, float]:
+    """Operators and host reads per step (profiled), and the unprofiled time per step in ms; with ``show_reads_of`` (the
+    row's label), also where the reads come from."""
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=show_reads_of is not None) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
     events = prof.key_averages()
     ops = sum(event.count for event in events if event.key.startswith("aten::")) / steps
     reads = sum(event.count for event in events if event.key == "aten::_local_scalar_dense") / steps
+    if show_reads_of is not None:
+        print(f"{show_reads_of}:")
+        for source, count in read_sources(prof).most_common():
+            print(f"    {count / steps:6.1f} reads/step  {source}")
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -62,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--check-grad-overflow", action="store_true",
                         help="turn DeepSpeed's bf16 per-gradient overflow checks back on (its default)")
+    parser.add_argument("--show-reads", action="store_true", help="print where each row's host reads come from")
     parser.add_argument("--torch-autocast", action="store_true",
                         help="DeepSpeed's torch_autocast mode instead (fp32 weights and gradients, bf16 compute, "
                              "DeepSpeed's clipping)")
@@ -85,7 +106,9 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rows = {"plain torch, bf16": count_ops(plain_step, args.steps, device)}
+    rows = {}
+    label = "plain torch, bf16"
+    rows[label] = count_ops(plain_step, args.steps, device, label if args.show_reads else None)
     for stage in args.stages:
         cfg = Config()
         cfg.model = model_cfg
@@ -110,7 +133,8 @@ def main() -> None:
             engine.step()
 
         mode = "torch_autocast" if args.torch_autocast else "bf16"
-        rows[f"DeepSpeed {mode}, ZeRO {stage}"] = count_ops(engine_step, args.steps, device)
+        label = f"DeepSpeed {mode}, ZeRO {stage}"
+        rows[label] = count_ops(engine_step, args.steps, device, label if args.show_reads else None)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}; DeepSpeed's bf16 "
           f"overflow checks {'on' if args.check_grad_overflow else 'off (as smim-train runs)'}")
