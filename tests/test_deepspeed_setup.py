@@ -149,8 +149,10 @@ def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path
                                               for i in range(4)]))
     raw = {"images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "visible": mask.visible,
            "masked": mask.masked, "corrupt_skipped": torch.zeros((), dtype=torch.long)}
-    runner = EpochRunner(cfg, engine, target, process_group.device, RunLogger(cfg, True, 0, 0), steps_per_epoch=6)
+    logger = RunLogger(cfg, True, 0, 0)
+    runner = EpochRunner(cfg, engine, target, process_group.device, logger, steps_per_epoch=6)
     loop_reads = host_reads(lambda: runner.run_epoch([raw] * 12, TrainState(), lambda: False))
+    logger.close()
 
     images = torch.randn(4, 3, 32, 32)
     targets = gather_masked(target(images), mask.masked)
