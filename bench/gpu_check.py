@@ -13,8 +13,8 @@
    read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine,
    and every host synchronisation in its steps by source line (``torch.cuda.set_sync_debug_mode``).
 3. The DALL-E tokenizer (BEiT's target: 52 GFLOP per 112-px view, as much as the ViT-B/16 training step's 53) is
-   timed as the target runs it and in faster layouts / precisions, with the share of codes each agrees on (random
-   weights: a numerical-sensitivity figure only).
+   timed in float32, as the target runs it by default (float16 convolutions, as OpenAI's original) and in
+   channels-last layout, with the share of codes each agrees on (random weights: a numerical-sensitivity figure only).
 Exits 1 when a check fails.
 """
 
@@ -160,22 +160,22 @@ def report_syncs(runner, batch: dict, steps: int) -> None:
 
 
 def time_tokenizer(args, device) -> None:
-    """The encoder as the target runs it (fp32 tensors; cuDNN's default TF32 convolutions on Ampere and later), in
-    channels-last layout, and in fp16 channels-last as OpenAI's original ran it; agreement is against the first."""
+    """The encoder in float32 throughout (``target.tokenizer_fp16=false``; cuDNN's default TF32 convolutions on Ampere
+    and later), as the target runs it by default (float16 convolutions but the output layer, as OpenAI's original),
+    and that in channels-last layout; code agreement is against the first."""
     encoder = DalleEncoder().to(device)
     _, views, _ = make_batch(args, device)
     pixels = map_pixels(views)
-    variants = {"fp32 (TF32 convolutions), as trained": (encoder, pixels),
-                "fp32, channels-last": (copy.deepcopy(encoder).to(memory_format=torch.channels_last),
-                                        pixels.contiguous(memory_format=torch.channels_last)),
-                "fp16, channels-last, as OpenAI's original": (
-                    copy.deepcopy(encoder).half().to(memory_format=torch.channels_last),
-                    pixels.half().contiguous(memory_format=torch.channels_last))}
+    channels_last = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+    variants = {"fp32 throughout (tokenizer_fp16=false)": lambda: encoder(pixels),
+                "fp16 convolutions, fp32 output (the default, as OpenAI's)": lambda: encoder(pixels, torch.float16),
+                "the default in channels-last layout": lambda: channels_last(
+                    pixels.contiguous(memory_format=torch.channels_last), torch.float16)}
     reference = None
-    for label, (module, inputs) in variants.items():
+    for label, run in variants.items():
         with torch.no_grad():
-            codes = module.blocks(inputs).argmax(dim=1)
-            seconds = timed(lambda: module.blocks(inputs), args.steps, device)
+            codes = run().argmax(dim=1)
+            seconds = timed(run, args.steps, device)
         reference = codes if reference is None else reference
         agreement = (codes == reference).float().mean().item()
         print(f"  DALL-E tokenizer, {label}, batch {args.batch} at {views.shape[-1]} px: {1e3 * seconds:.1f} ms, "

@@ -56,6 +56,9 @@ class TargetConfig:
     """DALL-E dVAE encoder weights for kind=beit: state dict (.pt/.pth/.safetensors) or OpenAI's encoder.pkl"""
     trust_pickle: bool = False
     """allow loading encoder.pkl, which runs code while unpickling"""
+    tokenizer_fp16: bool = True
+    """on GPUs, run the DALL-E encoder's convolutions but the last in float16, as OpenAI's code computes BEiT's
+    targets (twice TF32's rate); false: float32 throughout. CPUs always compute in float32"""
 
 
 @dataclass

@@ -159,6 +159,45 @@ def test_autocast_and_frozen(weight_files, images, reference_out):
     assert not any(p.requires_grad for p in tokenizer.parameters())
 
 
+def _dall_e_gpu_branch(conv, x):
+    """dall_e's ``Conv2d.forward`` as it runs on a CUDA device (its device test is the only thing left out), so the
+    original's float16 computation can be reproduced on the CPU."""
+    if conv.use_float16:
+        x, w, b = x.half(), conv.w.half(), conv.b.half()
+    else:
+        x, w, b = x.float(), conv.w, conv.b
+    return F.conv2d(x, w, b, padding=(conv.kw - 1) // 2)
+
+
+def test_fp16_convolutions_reproduce_the_original_on_gpu(monkeypatch, images):
+    torch.manual_seed(1)
+    small = dall_e_encoder.Encoder(n_hid=64, vocab_size=512, device=torch.device("cpu"), requires_grad=False).eval()
+    ours = DalleEncoder(n_hid=64, vocab_size=512).eval()
+    ours.load_state_dict(small.state_dict())
+    pixels = dall_e_utils.map_pixels(images)
+    with torch.no_grad():
+        fp32_logits = ours(pixels)
+        monkeypatch.setattr(dall_e_utils.Conv2d, "forward", _dall_e_gpu_branch)
+        original_logits = small(pixels)
+        fp16_logits = ours(pixels, conv_dtype=torch.float16)
+    assert original_logits.dtype == fp16_logits.dtype == torch.float32
+    torch.testing.assert_close(fp16_logits, original_logits, rtol=0, atol=0)
+    assert not torch.equal(fp16_logits, fp32_logits), "the float16 setting must change the arithmetic"
+
+
+def test_tokenizer_precision_follows_config_and_device(weight_files):
+    from smim_dist.config import Config
+    from smim_dist.targets.build import build_target
+
+    cfg = Config()
+    cfg.target.kind, cfg.target.tokenizer_path = "beit", str(weight_files / "encoder.safetensors")
+    tokenizer = build_target(cfg).generator
+    assert tokenizer.conv_dtype(torch.device("cuda")) == torch.float16
+    assert tokenizer.conv_dtype(torch.device("cpu")) == torch.float32
+    cfg.target.tokenizer_fp16 = False
+    assert build_target(cfg).generator.conv_dtype(torch.device("cuda")) == torch.float32
+
+
 def test_missing_weights_are_explained(tmp_path):
     for path in (None, ""):
         with pytest.raises(TokenizerWeightsError) as err:

@@ -49,5 +49,6 @@ def build_target(cfg: Config) -> MIMTarget:
     if kind == "pixels":
         pixels = PixelTarget(patch_size=cfg.model.patch_size)
         return MIMTarget(kind, pixels, pixels.out_dim)
-    tokenizer = DalleTokenizer.from_file(cfg.target.tokenizer_path, trust_pickle=cfg.target.trust_pickle)
+    tokenizer = DalleTokenizer.from_file(cfg.target.tokenizer_path, trust_pickle=cfg.target.trust_pickle,
+                                         fp16_on_gpu=cfg.target.tokenizer_fp16)
     return MIMTarget(kind, tokenizer, tokenizer.num_codes)

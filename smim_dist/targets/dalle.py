@@ -3,9 +3,11 @@
 ``DalleEncoder`` re-implements the encoder of OpenAI's ``dall_e`` package (``dall_e.encoder.Encoder``) with plain
 torch modules. Its parameters carry the same names and shapes as the original (``blocks.input.w``,
 ``blocks.group_2.block_1.id_path.w``, ``blocks.group_1.block_1.res_path.conv_1.w``, ..., ``blocks.output.conv.b``), so
-OpenAI's public ``encoder.pkl`` loads into it with ``strict=True``. Unlike the original, it always computes with
-float32 tensors (the original ran most convolutions in float16 on GPU), also when called under autocast; cuDNN's
-default TF32 convolutions apply on Ampere and later GPUs.
+OpenAI's public ``encoder.pkl`` loads into it with ``strict=True``. It computes as the original does on a GPU: every
+convolution but the output layer in float16, the output layer in float32. Those are the codes BEiT trained on, and
+float16 convolutions run on the tensor cores at twice TF32's rate. ``DalleTokenizer(..., fp16_on_gpu=False)`` computes
+everything in float32 instead (TF32 convolutions); CPUs always compute in float32, as the original does there.
+Autocast never reaches the encoder.
 
 ``DalleTokenizer`` turns images in [0, 1] into one code in [0, 8192) per 8x8 pixel cell: a 112-px image (BEiT's
 second view of a 224 crop) gives 14x14 = 196 codes, one per 16-px patch of the 224 view.
@@ -74,7 +76,7 @@ class _Conv(nn.Module):
         nn.init.normal_(self.w, std=1.0 / math.sqrt(n_in * kernel * kernel))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.w, self.b, padding=self.padding)
+        return F.conv2d(x, self.w.to(x.dtype), self.b.to(x.dtype), padding=self.padding)
 
 
 class _ResBlock(nn.Module):
@@ -149,13 +151,14 @@ class DalleEncoder(nn.Module):
         layers.append(("output", nn.Sequential(output)))
         self.blocks = nn.Sequential(OrderedDict(layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, conv_dtype: torch.dtype = torch.float32) -> Tensor:
+        """``conv_dtype`` is the dtype of every layer but the output convolution, which always computes in float32
+        (OpenAI's ``use_float16=False`` on that layer alone): float16 reproduces the original on a GPU."""
         if x.dim() != 4 or x.shape[1] != self.input_channels:
             raise ValueError(f"expected input of shape [B, {self.input_channels}, H, W], got {tuple(x.shape)}")
-        # float32 tensors, also under autocast: the argmax over 8192 logits is sensitive to rounding. On Ampere and
-        # later GPUs cuDNN still computes the convolutions in TF32, torch's default (bench/README.md).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.blocks(x.float())
+            features = self.blocks[:-1](x.to(conv_dtype))
+            return self.blocks.output(features.float())
 
 
 def map_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
@@ -319,17 +322,22 @@ def load_dalle_encoder(path: str | os.PathLike | None, trust_pickle: bool = Fals
 class DalleTokenizer(nn.Module):
     """Frozen image -> visual-token map: [B, 3, H, W] in [0, 1] -> LongTensor [B, (H/8)*(W/8)], row-major."""
 
-    def __init__(self, encoder: DalleEncoder):
+    def __init__(self, encoder: DalleEncoder, fp16_on_gpu: bool = True):
         super().__init__()
         self.encoder = encoder
+        self.fp16_on_gpu = fp16_on_gpu
         self.num_codes = encoder.vocab_size
         self.downsample = encoder.downsample
         self.requires_grad_(False)
         super().train(False)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike | None, trust_pickle: bool = False) -> "DalleTokenizer":
-        return cls(load_dalle_encoder(path, trust_pickle=trust_pickle))
+    def from_file(cls, path: str | os.PathLike | None, trust_pickle: bool = False,
+                  fp16_on_gpu: bool = True) -> "DalleTokenizer":
+        return cls(load_dalle_encoder(path, trust_pickle=trust_pickle), fp16_on_gpu)
+
+    def conv_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.float16 if self.fp16_on_gpu and device.type == "cuda" else torch.float32
 
     def train(self, mode: bool = True) -> "DalleTokenizer":
         # Always frozen: the encoder stays in eval mode whatever the surrounding model does.
@@ -345,7 +353,7 @@ class DalleTokenizer(nn.Module):
             raise ValueError(
                 f"image size {height}x{width} is not divisible by {self.downsample} (the DALL-E encoder's downsampling)"
             )
-        return self.encoder(map_pixels(images.float()))
+        return self.encoder(map_pixels(images.float()), self.conv_dtype(images.device))
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
