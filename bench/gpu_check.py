@@ -25,6 +25,7 @@ import collections
 import copy
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def time_loop(args, dist_info) -> float:
         batch = synthetic_batch(cfg, dist_info)
         runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
         elapsed, _ = time_steps(runner, batch, args.steps, rounds=3)
-        report_syncs(runner, batch, args.steps)
+        run_part(lambda: report_syncs(runner, batch, args.steps))
         runner.logger.close()
     return elapsed / args.steps
 
@@ -200,13 +201,25 @@ def main() -> int:
           f"DeepSpeed {deepspeed.__version__}")
     target = HOGTarget(16).to(device)
     print("bf16 vs fp32, ViT-B/16 proxy, MaskFeat, one batch of", args.check_batch)
-    ok = check_bf16_matches_fp32(args, device, target)
+    ok = run_part(lambda: check_bf16_matches_fp32(args, device, target))
     peak, source = peak_tflops(device, "bf16")
     print(f"training loop speed (peak {peak:.0f} TFLOP/s, {source})")
-    time_engine(args, dist_info, target, peak)
-    time_tokenizer(args, device)
+    ok &= run_part(lambda: time_engine(args, dist_info, target, peak))
+    ok &= run_part(lambda: time_tokenizer(args, device))
     torch.distributed.destroy_process_group()
     return 0 if ok else 1
+
+
+def run_part(part) -> bool:
+    """Runs one part; an exception is printed and the next part still runs, so one run of a few minutes on a
+    borrowed GPU reports everything that works."""
+    try:
+        return part() is not False
+    except Exception:
+        traceback.print_exc()
+        print("  FAILED (traceback above); going on with the next part", flush=True)
+        torch.cuda.empty_cache()
+        return False
 
 
 if __name__ == "__main__":

@@ -18,17 +18,26 @@ if ! command -v nvidia-smi >/dev/null; then
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-echo "== numerics and the training engine"
-$python bench/gpu_check.py --batch 256
-echo "== step: vanilla vs proxy, eager bf16"
-$python bench/step.py --sizes base --batch 256 --dtype bf16 --targets maskfeat beit --warmup 3 --rounds 3 --steps 5
-echo "== step: vanilla vs proxy, torch.compile bf16"
-$python bench/step.py --sizes base --batch 256 --dtype bf16 --targets maskfeat --compile --warmup 3 --rounds 3 \
-    --steps 5
-echo "== loader"
+failed=()
+part() {  # one failing part does not stop the others: the whole report comes back from one run
+    local name=$1
+    shift
+    echo "== $name"
+    "$@" || failed+=("$name")
+}
+part "numerics and the training engine" $python bench/gpu_check.py --batch 256
+part "step: vanilla vs proxy, eager bf16" $python bench/step.py --sizes base --batch 256 --dtype bf16 \
+    --targets maskfeat beit --warmup 3 --rounds 3 --steps 5
+part "step: vanilla vs proxy, torch.compile bf16" $python bench/step.py --sizes base --batch 256 --dtype bf16 \
+    --targets maskfeat --compile --warmup 3 --rounds 3 --steps 5
 if $python -c "import ffcv" 2>/dev/null; then
-    $python bench/loader.py --images 1024 --workers "$(nproc)" --batch 256
+    part "loader" $python bench/loader.py --images 1024 --workers "$(nproc)" --batch 256
 else
+    echo "== loader"
     echo "FFCV is not importable with $python: loader rate skipped (the project's docker image has it)"
 fi
 echo "gpu_check finished in $((SECONDS - start)) s"
+if ((${#failed[@]})); then
+    printf 'gpu_check: FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
