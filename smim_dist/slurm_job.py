@@ -18,7 +18,6 @@ import submitit
 from smim_dist.config import config_from_dict
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.stop_signals import StopSignals
-from smim_dist.train import train
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,10 @@ class TrainJob:
     """submitit parameters for the evaluation jobs this run submits (``eval.every_epochs``)"""
 
     def __call__(self) -> str:
+        # The trainer (DeepSpeed, FFCV, timm, wandb) is imported on the compute node only: submitting from a login node
+        # then takes seconds less and prints none of DeepSpeed's accelerator probing.
+        from smim_dist.train import train
+
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         stop = StopSignals().install()

@@ -5,6 +5,8 @@ import contextlib
 import importlib.util
 import io
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -55,6 +57,26 @@ def test_dry_run_prints_the_sbatch_script_and_creates_nothing(tmp_path):
     assert "srun" in script and "--kill-on-bad-exit=1" in script and "submitit.core._submit" in script
     assert f"32 tasks would train {tmp_path / 'big'}" in script
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_submitting_imports_none_of_the_trainer(tmp_path):
+    """A login node checks and submits without DeepSpeed (which probes for accelerators and prints about it), FFCV,
+    timm or wandb: the job imports the trainer on the compute node."""
+    code = textwrap.dedent(f"""
+        import contextlib, io, runpy, sys
+        sys.argv = ["launchers/slurm.py", "--config", "{TINY_CONFIG}", "--dry-run", "output_dir={tmp_path}",
+                    "optim.micro_batch=8"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            try:
+                runpy.run_path("launchers/slurm.py", run_name="__main__")
+            except SystemExit as exit_:
+                assert exit_.code == 0, exit_.code
+        assert "tasks would train" in out.getvalue()
+        print(sorted({{name.split(".")[0] for name in sys.modules}} & {{"deepspeed", "ffcv", "timm", "wandb"}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_cpu_nodes_run_the_requested_tasks_per_node(tmp_path):

@@ -6,7 +6,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -42,6 +41,8 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        import deepspeed  # here, not at the top: the SLURM launcher imports this module on login nodes
+
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 

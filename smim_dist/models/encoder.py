@@ -15,17 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smim_dist.models.layers import Block
-from smim_dist.models.sizes import ViTSize
-
-
-def image_grid(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Patch grid of an image size; refuses sizes the patch size does not divide."""
-    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if patch_size < 1 or height % patch_size or width % patch_size:
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by patch size {patch_size}; "
-            f"use a multiple of {patch_size} (e.g. {max(patch_size, height // patch_size * patch_size)})")
-    return height // patch_size, width // patch_size
+from smim_dist.models.sizes import ViTSize, image_grid
 
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:
