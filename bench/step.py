@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from smim_dist.config import ModelConfig
+from smim_dist.engine.device_peak import datasheet_peak
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.masking import RandomMaskGenerator
 from smim_dist.models.flops import forward_flops
@@ -34,9 +35,6 @@ from smim_dist.targets.hog import HOGTarget
 from smim_dist.targets.pixels import PixelTarget
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DATASHEET_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
-                    "A100": {"bf16": 312.0, "fp32": 19.5}}
-"""dense peaks per GPU by name (NVIDIA datasheets, SXM parts); fp32 means plain fp32, as torch's default matmul uses"""
 
 
 @dataclass
@@ -55,10 +53,9 @@ class Row:
 def peak_tflops(device: torch.device, dtype: str) -> tuple[float, str]:
     """The device's dense peak in TFLOP/s and where the figure comes from."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in DATASHEET_TFLOPS.items():
-            if key in name:
-                return peaks[dtype], f"{key} datasheet, dense {dtype}"
+        listed = datasheet_peak(torch.cuda.get_device_name(device), dtype)
+        if listed:
+            return listed
     size = 4096 if device.type == "cuda" else 1024
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     for _ in range(2):

@@ -7,6 +7,9 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from conftest import losses, run_cli, tiny_overrides, train_cli
+from smim_dist.config import load_config
+from smim_dist.models.flops import forward_flops
+from smim_dist.targets.build import build_target
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
@@ -66,8 +69,13 @@ def test_demo_config_end_to_end(tmp_path, demo_data):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     for key in ("loss", "image_blind_loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "step_time_s", "peak_mem_mb",
-                "skipped_steps", "epoch"):
+                "skipped_steps", "epoch", "model_tflops_per_device"):
         assert all(r[key] is not None for r in records), key
+    cfg = load_config(str(run / "config.yaml"))
+    flops_per_image = 3 * forward_flops(cfg.model, cfg.mask.ratio, True, build_target(cfg).out_dim)
+    for record in records:
+        assert record["model_tflops_per_device"] == pytest.approx(flops_per_image * record["images_per_s"] / 1e12)
+        assert record["mfu"] is None, "no datasheet peak for a CPU: utilisation unknown, not guessed"
     assert records[-1]["loss"] < 0.9 * records[0]["loss"], [r["loss"] for r in records]
     assert records[-1]["loss"] < 0.9 * records[-1]["image_blind_loss"], "learned more than the average target"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000024"

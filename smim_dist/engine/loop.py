@@ -13,10 +13,12 @@ import torch.distributed as dist
 from smim_dist.config import Config
 from smim_dist.data.batch import DeviceNormalizer
 from smim_dist.engine.deepspeed_setup import set_lr
+from smim_dist.engine.device_peak import device_peak_tflops
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.logging import RunLogger
 from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
+from smim_dist.models.flops import forward_flops
 from smim_dist.targets.build import MIMTarget
 
 
@@ -59,6 +61,9 @@ class EpochRunner:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.optim.epochs
         self.warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        # Model FLOPs as bench/step.py counts them: forward + backward = 3x the forward, targets not included.
+        self.flops_per_image = 3 * forward_flops(cfg.model, cfg.mask.ratio, True, target.out_dim)
+        self.peak_tflops = device_peak_tflops(device, cfg.engine.precision)
 
     def lr_at(self, step: int) -> float:
         return cosine_lr(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr, self.cfg.optim.min_lr)
@@ -139,13 +144,17 @@ class EpochRunner:
         dist.all_reduce(totals)
         loss_sum, blind_sum, finite, corrupt = totals.tolist()
         grad_norm = self.engine.get_global_grad_norm()
+        images_per_s = steps * self.cfg.optim.global_batch / elapsed
+        tflops = self.flops_per_image * images_per_s / dist.get_world_size() / 1e12
         metrics = {
             "epoch": state.epoch + state.batch_in_epoch / (self.steps_per_epoch * self.accumulation),
             "loss": loss_sum / finite if finite else None,
             "image_blind_loss": blind_sum / finite if finite else None,
             "lr": self.lr_at(state.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "images_per_s": steps * self.cfg.optim.global_batch / elapsed,
+            "images_per_s": images_per_s,
+            "model_tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "step_time_s": elapsed / steps,
             "data_wait_frac": data_wait / elapsed,
             "peak_mem_mb": _peak_memory_mb(self.device),
@@ -158,4 +167,5 @@ class EpochRunner:
             f"loss {metrics['loss']:.4f} (image-blind {metrics['image_blind_loss']:.4f})"
         self.logger.info(f"step {state.step}/{self.total_steps} ep {metrics['epoch']:.2f} {losses} "
                          f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s "
-                         f"data-wait {100 * metrics['data_wait_frac']:.0f}%")
+                         + ("" if metrics["mfu"] is None else f"MFU {100 * metrics['mfu']:.1f}% ")
+                         + f"data-wait {100 * metrics['data_wait_frac']:.0f}%")
