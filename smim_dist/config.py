@@ -18,8 +18,7 @@ import yaml
 
 from smim_dist.config_loading import ConfigError, build, merge, override_tree, read_chain
 from smim_dist.masking import build_mask_generator
-from smim_dist.models.sizes import image_grid
-from smim_dist.models.sizes import VIT_SIZES
+from smim_dist.models.sizes import VIT_SIZES, image_grid
 from smim_dist.targets.dalle import TokenizerWeightsError, check_tokenizer_file
 
 
