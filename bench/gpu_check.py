@@ -1,6 +1,7 @@
 """The GPU half of ``bench/gpu_check.sh``: bf16 against fp32 through the DeepSpeed engine, then the engine's own speed.
 
     python bench/gpu_check.py --batch 256
+    python bench/gpu_check.py --smoke     # on the CPU at toy size: checks the script itself (tests/test_bench_step.py)
 
 1. One ViT-B/16 proxy model (MaskFeat target) is wrapped twice from the same weights, in a bf16 and in an fp32
    DeepSpeed engine, exactly as ``smim-train`` builds them. On one batch both compute the loss, take one optimizer
@@ -46,9 +47,9 @@ from scaling import build_runner, make_config, synthetic_batch, time_steps
 from step import StepRunner, make_batch, peak_tflops, timed
 
 
-def engine_config(precision: str, batch: int) -> Config:
+def engine_config(args, precision: str, batch: int) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(size="base", mode="proxy", drop_path=0.0)
+    cfg.model = ModelConfig(size=args.size, mode="proxy", drop_path=0.0, img_size=args.img, patch_size=args.patch)
     cfg.optim.global_batch = cfg.optim.micro_batch = batch
     cfg.engine.precision = precision
     return cfg
@@ -63,13 +64,13 @@ def train_step(engine, images, mask, targets, dtype) -> torch.Tensor:
 
 def check_bf16_matches_fp32(args, device, target) -> bool:
     torch.manual_seed(0)
-    model = MIMModel(engine_config("fp32", args.check_batch).model, target.out_dim)
+    model = MIMModel(engine_config(args, "fp32", args.check_batch).model, target.out_dim)
     args_small = argparse.Namespace(**{**vars(args), "batch": args.check_batch})
     images, _, mask = make_batch(args_small, device)
     targets = gather_masked(target(images), mask.masked)
     losses = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        engine = build_engine(engine_config(precision, args.check_batch), copy.deepcopy(model).to(device), 1, device)
+        engine = build_engine(engine_config(args, precision, args.check_batch), copy.deepcopy(model).to(device), 1, device)
         engine.eval()
         with torch.no_grad():
             before = mim_loss(engine(images.to(dtype), mask), targets)
@@ -95,7 +96,7 @@ def check_bf16_matches_fp32(args, device, target) -> bool:
 def time_engine(args, dist_info, target, peak: float) -> None:
     device = dist_info.device
     torch.manual_seed(0)
-    cfg = engine_config("bf16", args.batch)
+    cfg = engine_config(args, "bf16", args.batch)
     engine = build_engine(cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
     compiled_cfg = copy.deepcopy(cfg)
     compiled_cfg.engine.compile = True
@@ -115,20 +116,22 @@ def time_engine(args, dist_info, target, peak: float) -> None:
             step()
         seconds[label] = timed(step, args.steps, device)
         tflops = flops / seconds[label] / 1e12
-        print(f"  {label}, ViT-B/16 proxy, MaskFeat, batch {args.batch}: {1e3 * seconds[label]:.1f} ms/step, "
+        print(f"  {label}, {model_name(args)} proxy, MaskFeat, batch {args.batch}: {1e3 * seconds[label]:.1f} ms/step, "
               f"{args.batch / seconds[label]:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
-    seconds["loop"] = time_loop(args, dist_info)
+    seconds["loop"], syncs_listed = time_loop(args, dist_info)
     tflops = flops / seconds["loop"] / 1e12
     print(f"  the training loop around the DeepSpeed bf16 engine: {1e3 * seconds['loop']:.1f} ms/step, "
           f"{args.batch / seconds['loop']:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
     engine_time, compiled_time, plain_time, loop_time = seconds.values()
     print(f"  step time / plain torch's: DeepSpeed bf16 {engine_time / plain_time:.2f}, compiled "
           f"{compiled_time / plain_time:.2f}, the training loop {loop_time / plain_time:.2f}")
+    return syncs_listed
 
 
-def time_loop(args, dist_info) -> float:
-    """Seconds per step of ``EpochRunner.run_epoch``, the fastest of 3 rounds of ``args.steps`` steps."""
-    loop_args = argparse.Namespace(size="base", mode="proxy", img=args.img, patch=args.patch, target="maskfeat",
+def time_loop(args, dist_info) -> tuple[float, bool]:
+    """Seconds per step of ``EpochRunner.run_epoch``, the fastest of 3 rounds of ``args.steps`` steps, and whether
+    listing its host syncs worked."""
+    loop_args = argparse.Namespace(size=args.size, mode="proxy", img=args.img, patch=args.patch, target="maskfeat",
                                    mask_ratio=args.mask_ratio, batch=args.batch, precision="bf16")
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = make_config(loop_args, 1, 1, out_dir)
@@ -137,15 +140,18 @@ def time_loop(args, dist_info) -> float:
         batch = synthetic_batch(cfg, dist_info)
         runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
         elapsed, _ = time_steps(runner, batch, args.steps, rounds=3)
-        run_part(lambda: report_syncs(runner, batch, args.steps))
+        syncs_listed = run_part(lambda: report_syncs(runner, batch, args.steps))
         runner.logger.close()
-    return elapsed / args.steps
+    return elapsed / args.steps, syncs_listed
 
 
 def report_syncs(runner, batch: dict, steps: int) -> None:
     """Every synchronising CUDA call in ``steps`` steps of the loop, by the Python line that made it, through
     ``torch.cuda.set_sync_debug_mode``: the loop's own reads (every ``engine.check_every_steps`` and at the epoch
     end) and whatever DeepSpeed still does per step."""
+    if runner.device.type != "cuda":
+        print("  host syncs: listed on CUDA devices only")
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -163,7 +169,7 @@ def time_tokenizer(args, device) -> None:
     """The encoder in float32 throughout (``target.tokenizer_fp16=false``; cuDNN's default TF32 convolutions on Ampere
     and later), as the target runs it by default (float16 convolutions but the output layer, as OpenAI's original),
     and that in channels-last layout; code agreement is against the first."""
-    encoder = DalleEncoder().to(device)
+    encoder = (DalleEncoder(n_hid=64, vocab_size=512) if args.smoke else DalleEncoder()).to(device)
     _, views, _ = make_batch(args, device)
     pixels = map_pixels(views)
     channels_last = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
@@ -189,17 +195,23 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=2e-2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every part on the CPU with a micro model, a narrow tokenizer and tiny batches: checks "
+                             "the script itself (figures meaningless) before a GPU's minutes are spent on it")
     args = parser.parse_args()
-    args.img, args.patch, args.mask_ratio = 224, 16, 0.6
+    args.size, args.img, args.patch, args.mask_ratio = "base", 224, 16, 0.6
+    if args.smoke:
+        args.size, args.img, args.patch, args.batch, args.check_batch, args.warmup, args.steps = \
+            "micro", 64, 8, 4, 4, 1, 1
     dist_info = init_distributed()
     device = dist_info.device
-    if device.type != "cuda":
-        print("no CUDA device: this check is for a GPU machine")
+    if device.type != "cuda" and not args.smoke:
+        print("no CUDA device: this check is for a GPU machine (--smoke runs it on the CPU at toy size)")
         return 1
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"DeepSpeed {deepspeed.__version__}")
-    target = HOGTarget(16).to(device)
-    print("bf16 vs fp32, ViT-B/16 proxy, MaskFeat, one batch of", args.check_batch)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke run"
+    print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, DeepSpeed {deepspeed.__version__}")
+    target = HOGTarget(args.patch).to(device)
+    print(f"bf16 vs fp32, {model_name(args)} proxy, MaskFeat, one batch of", args.check_batch)
     ok = run_part(lambda: check_bf16_matches_fp32(args, device, target))
     peak, source = peak_tflops(device, "bf16")
     print(f"training loop speed (peak {peak:.0f} TFLOP/s, {source})")
@@ -207,6 +219,10 @@ def main() -> int:
     ok &= run_part(lambda: time_tokenizer(args, device))
     torch.distributed.destroy_process_group()
     return 0 if ok else 1
+
+
+def model_name(args) -> str:
+    return f"ViT-{args.size}/{args.patch}"
 
 
 def run_part(part) -> bool:

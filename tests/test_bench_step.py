@@ -43,6 +43,18 @@ def test_profile_bench_splits_the_step_into_phases(tmp_path):
     assert proc.stdout.count("phases:") == 2 and "backward" in proc.stdout
 
 
+def test_gpu_check_runs_every_part_at_toy_size_on_the_cpu():
+    """The GPU check gets minutes of a borrowed GPU: its smoke mode runs every part here first, so a part broken by a
+    change shows up in CI instead of on the GPU."""
+    out = run_cli(["bench/gpu_check.py", "--smoke"], timeout=600).stdout
+    assert out.count(") ok") == 2, out
+    for line in ("DeepSpeed bf16 engine (ZeRO 1), ViT-micro/8 proxy", "DeepSpeed bf16 engine (ZeRO 1), engine.compile,",
+                 "plain torch, bf16 autocast", "the training loop around the DeepSpeed bf16 engine", "step time / plain",
+                 "tokenizer, fp32 throughout", "tokenizer, fp16 convolutions", "tokenizer, the default in channels-last"):
+        assert line in out, line
+    assert "FAILED" not in out
+
+
 def test_gpu_check_refuses_a_machine_without_an_nvidia_gpu(tmp_path):
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has an NVIDIA driver")
