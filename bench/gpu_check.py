@@ -93,7 +93,8 @@ def check_bf16_matches_fp32(args, device, target) -> bool:
     return ok
 
 
-def time_engine(args, dist_info, target, peak: float) -> None:
+def time_engine(args, dist_info, target, peak: float) -> bool:
+    """Prints the step times side by side; returns whether the loop's host syncs could be listed."""
     device = dist_info.device
     torch.manual_seed(0)
     cfg = engine_config(args, "bf16", args.batch)
