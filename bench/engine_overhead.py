@@ -5,6 +5,7 @@
     python bench/engine_overhead.py --check-grad-overflow             # DeepSpeed's default bf16 overflow checks
     python bench/engine_overhead.py --torch-autocast --stages 1 2     # DeepSpeed's torch_autocast mode instead
     python bench/engine_overhead.py --stages 1 --show-reads           # where each host read comes from
+    python bench/engine_overhead.py --stages 1 2 --compare-contiguous-gradients   # and without DeepSpeed's copies
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
 (bf16 weights, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--check-grad-overflow", action="store_true",
                         help="turn DeepSpeed's bf16 per-gradient overflow checks back on (its default)")
     parser.add_argument("--show-reads", action="store_true", help="print where each row's host reads come from")
+    parser.add_argument("--compare-contiguous-gradients", action="store_true",
+                        help="also run ZeRO 1/2 with each gradient left where autograd put it instead of copied into "
+                             "DeepSpeed's bucket and partition buffers (zero_optimization.contiguous_gradients: false)")
     parser.add_argument("--torch-autocast", action="store_true",
                         help="DeepSpeed's torch_autocast mode instead (fp32 weights and gradients, bf16 compute, "
                              "DeepSpeed's clipping)")
@@ -109,7 +113,9 @@ def main() -> None:
     rows = {}
     label = "plain torch, bf16"
     rows[label] = count_ops(plain_step, args.steps, device, label if args.show_reads else None)
-    for stage in args.stages:
+    variants = [(stage, contiguous) for stage in args.stages
+                for contiguous in ((True, False) if args.compare_contiguous_gradients and stage in (1, 2) else (True,))]
+    for stage, contiguous in variants:
         cfg = Config()
         cfg.model = model_cfg
         cfg.optim.global_batch = cfg.optim.micro_batch = args.batch
@@ -117,9 +123,12 @@ def main() -> None:
         ds_config = deepspeed_config(cfg, 1)
         if args.check_grad_overflow:
             ds_config["bf16"] = {"enabled": True}
+        if not contiguous:
+            ds_config["zero_optimization"]["contiguous_gradients"] = False
         if args.torch_autocast:
             del ds_config["bf16"]
             ds_config.update(torch_autocast={"enabled": True, "dtype": "bfloat16"}, gradient_clipping=cfg.optim.clip_grad)
+            ds_config["zero_optimization"]["compute_grad_norm"] = True
         model = copy.deepcopy(base).to(device)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
@@ -133,14 +142,14 @@ def main() -> None:
             engine.step()
 
         mode = "torch_autocast" if args.torch_autocast else "bf16"
-        label = f"DeepSpeed {mode}, ZeRO {stage}"
+        label = f"DeepSpeed {mode}, ZeRO {stage}" + ("" if contiguous else ", no contiguous gradients")
         rows[label] = count_ops(engine_step, args.steps, device, label if args.show_reads else None)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}; DeepSpeed's bf16 "
           f"overflow checks {'on' if args.check_grad_overflow else 'off (as smim-train runs)'}")
-    print(f"{'step':34s} {'aten ops':>9s} {'host reads':>11s} {'ms/step':>9s}")
+    print(f"{'step':58s} {'aten ops':>9s} {'host reads':>11s} {'ms/step':>9s}")
     for label, (ops, reads, ms) in rows.items():
-        print(f"{label:34s} {ops:9.0f} {reads:11.0f} {ms:9.1f}")
+        print(f"{label:58s} {ops:9.0f} {reads:11.0f} {ms:9.1f}")
     torch.distributed.destroy_process_group()
 
 

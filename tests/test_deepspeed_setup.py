@@ -12,7 +12,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import stage_1_and_2
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import build_engine, clips_inside_adamw, deepspeed_config, fused_adamw
+from smim_dist.engine.deepspeed_setup import (build_engine, clips_inside_adamw, deepspeed_config, fused_adamw,
+                                               param_groups)
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard
@@ -56,15 +57,23 @@ def micro_engine(device, precision: str, zero_stage: int = 1, accumulation: int 
     return build_engine(cfg, MIMModel(cfg.model, target.out_dim), 1, device), target
 
 
-def micro_loss(engine, target, poisoned: bool = False, seed: int | None = None):
+def micro_batch(target, poisoned: bool = False, seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     images = torch.randn(4, 3, 32, 32)
     mask = MaskIndices.from_bool(torch.stack([torch.from_numpy(RandomMaskGenerator((4, 4), 8).mask_for(0, 0, i))
                                               for i in range(4)]))
     targets = gather_masked(target(images), mask.masked) * (float("nan") if poisoned else 1.0)
+    return images, mask, targets
+
+
+def batch_loss(engine, images, mask, targets):
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     return mim_loss(engine(images.to(dtype), mask), targets)
+
+
+def micro_loss(engine, target, poisoned: bool = False, seed: int | None = None):
+    return batch_loss(engine, *micro_batch(target, poisoned, seed))
 
 
 def test_bf16_step_runs_no_per_gradient_overflow_check(process_group, monkeypatch):
@@ -137,7 +146,8 @@ def host_reads(fn) -> int:
 
 def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path):
     """Between its periodic checks the loop reads nothing back from the device: over 6 steps of 2 micro-batches it
-    makes the host reads DeepSpeed's own steps make (its gradient clipping's), plus at most the epoch-end check."""
+    makes the host reads DeepSpeed's own steps make (on the CPU, the fused AdamW kernel's), plus at most the epoch-end
+    check."""
     cfg = micro_config("fp32", zero_stage=1, accumulation=2)
     cfg.output_dir, cfg.log.every_steps, cfg.engine.check_every_steps = str(tmp_path), 1000, 1000
     cfg.log.wandb_mode, cfg.log.progress = "disabled", False
@@ -166,24 +176,73 @@ def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path
     assert loop_reads - engine_reads <= 1, f"the loop read the device {loop_reads - engine_reads} more times"
 
 
+def deepspeeds_own_clipping_engine(cfg: Config, device):
+    """The same model and optimizer as ``build_engine``, clipped by DeepSpeed itself (its config's defaults)."""
+    model = MIMModel(cfg.model, PixelTarget(8).out_dim)
+    ds_config = deepspeed_config(cfg, 1)
+    ds_config["gradient_clipping"] = cfg.optim.clip_grad
+    ds_config["zero_optimization"]["compute_grad_norm"] = True
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_group, zero_stage):
-    """ZeRO 1/2 clip through the fused AdamW's ``grad_scale`` (no host read); the weights must follow DeepSpeed's own
-    clipping of the same gradients, and differ from an unclipped run's (the clip is active)."""
-    weights = {}
+def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_group, zero_stage, precision):
+    """ZeRO 1/2 clip through the fused AdamW's ``grad_scale`` with a norm of their own; the weights must follow
+    DeepSpeed's own clipping of the same gradients, the logged norm must be DeepSpeed's, and the weights must differ
+    from an unclipped run's (the clip is active)."""
+    if precision == "bf16" and not get_accelerator().is_bf16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no bf16")
+    weights, norms = {}, {}
     for label in ("inside AdamW", "DeepSpeed", "unclipped"):
         torch.manual_seed(0)
-        engine, target = micro_engine(process_group.device, "fp32", zero_stage,
-                                      clip_grad=0.0 if label == "unclipped" else 0.05)
+        cfg = micro_config(precision, zero_stage)
+        cfg.optim.clip_grad = 0.0 if label == "unclipped" else 0.05
         if label == "DeepSpeed":
-            engine.optimizer.clip_grad = 0.05  # as a checkpoint written with DeepSpeed's clipping on restores it
+            engine = deepspeeds_own_clipping_engine(cfg, process_group.device)
+        else:
+            engine = build_engine(cfg, MIMModel(cfg.model, PixelTarget(8).out_dim), 1, process_group.device)
+        norms[label] = []
         for step in range(3):
-            engine.backward(micro_loss(engine, target, seed=step))
+            engine.backward(micro_loss(engine, PixelTarget(8), seed=step))
             engine.step()
-        weights[label] = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
+            norms[label].append(float(engine.get_global_grad_norm()))
+        weights[label] = {name: value.detach().float().clone() for name, value in engine.module.state_dict().items()}
+    torch.testing.assert_close(norms["inside AdamW"][0], norms["DeepSpeed"][0], rtol=1e-5, atol=0)
+    later = 1e-5 if precision == "fp32" else 1e-3  # after a step, bf16 weights may round the other way
+    torch.testing.assert_close(norms["inside AdamW"], norms["DeepSpeed"], rtol=later, atol=0)
+    assert min(norms["DeepSpeed"]) > 0.05, "the clip must be active at every step"
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if precision == "fp32" else {"rtol": 1e-2, "atol": 1e-3}
     for name, value in weights["DeepSpeed"].items():
-        torch.testing.assert_close(weights["inside AdamW"][name], value, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(weights["inside AdamW"][name], value, **tolerance)
     assert any(not torch.allclose(weights["unclipped"][name], value) for name, value in weights["DeepSpeed"].items())
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_a_clipped_bf16_step_reads_the_device_only_inside_the_cpu_adamw_kernel(process_group, zero_stage):
+    """On a GPU every host read stalls the queue. A clipped bf16 ZeRO 1/2 step reads the device only where torch's
+    fused AdamW CPU kernel reads its own step inputs (the CUDA kernel reads them on the device): DeepSpeed's norm and
+    clipping reads are gone."""
+    if not get_accelerator().is_bf16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no bf16")
+    engine, target = micro_engine(process_group.device, "bf16", zero_stage, clip_grad=0.05)
+    batches = [micro_batch(target, seed=step) for step in range(3)]
+    engine.backward(batch_loss(engine, *batches[0]))
+    engine.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        for batch in batches[1:]:
+            engine.backward(batch_loss(engine, *batch))
+            engine.step()
+    sources = set()
+    for event in prof.events():
+        if event.name == "aten::_local_scalar_dense":
+            parent = event.cpu_parent
+            while parent is not None and ".py(" not in parent.name:
+                parent = parent.cpu_parent
+            sources.add(parent.name if parent is not None else "?")
+    assert sources and all("torch/optim/adam.py" in source for source in sources), sources
 
 
 @pytest.mark.parametrize("zero_stage, precision, deepspeed_clips", [

@@ -1,6 +1,9 @@
 """The FFCV pre-training and evaluation loaders on the demo set's .beton files."""
 
 import dataclasses
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -139,3 +142,24 @@ def test_a_dying_loading_thread_raises_instead_of_hanging(demo_root, monkeypatch
     positioner.set_epoch(0)
     with pytest.raises(RuntimeError, match="FFCV's loading thread died"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
+def test_runs_that_read_other_sources_never_import_ffcv(demo_root, source):
+    """Importing FFCV compiles numba code, about 5 s in every process; runs of the other sources skip it."""
+    overrides = ["data.demo=true", f"data.path={demo_root}", "data.demo_images=64", "data.num_workers=0",
+                 "model.img_size=32", "model.patch_size=8", "optim.global_batch=8", "optim.micro_batch=8",
+                 f"data.source={source}"]
+    code = textwrap.dedent(f"""
+        import sys
+        import smim_dist.train
+        from smim_dist.config import load_config
+        from smim_dist.data.pretrain_loader import build_pretrain_loader
+        cfg = load_config("configs/demo_cpu.yaml", {overrides!r})
+        loader, _ = build_pretrain_loader(cfg, 0, 1)
+        assert next(iter(loader))["images"].shape == (8, 3, 32, 32)
+        print(sorted(name for name in sys.modules if name.split(".")[0] == "ffcv"))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

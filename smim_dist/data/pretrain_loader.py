@@ -15,7 +15,6 @@ from torchvision.io import ImageReadMode, decode_image
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samples
 from smim_dist.data.demo import SHARD_PATTERN, ensure_demo_dataset
-from smim_dist.data.ffcv_loader import FFCVPretrainLoader
 from smim_dist.data.sampler import ResumableDistributedSampler
 from smim_dist.data.shards import ShardEpochs
 
@@ -77,9 +76,12 @@ def training_files(cfg: Config) -> tuple[Path, list[str]]:
 def build_pretrain_loader(cfg: Config, rank: int, world_size: int, device: torch.device | None = None):
     """The loader to iterate and the object that positions it (``set_epoch(epoch, start_batch)``,
     ``steps_per_epoch``); for FFCV and shard streams both are the same object. ``device``: FFCV moves batches to a
-    GPU in its own CUDA stream."""
+    GPU in its own CUDA stream. FFCV is imported only for FFCV runs: its import compiles numba code, about 5 s in
+    every process."""
     cfg = resolve_data(cfg)
     if cfg.data.source == "ffcv":
+        from smim_dist.data.ffcv_loader import FFCVPretrainLoader
+
         loader = FFCVPretrainLoader(cfg, rank, world_size, device)
         return loader, loader
     if cfg.data.source == "webdataset":

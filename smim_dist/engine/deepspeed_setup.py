@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
@@ -38,14 +39,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """bf16 runs without DeepSpeed's per-gradient overflow checks: bf16 has fp32's range, and the loop's non-finite
     guard already skips the update of every step with a non-finite loss on any rank. On an H200 those checks (six small
-    kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md."""
+    kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md. Where the fused
+    AdamW clips (``clip_inside_adamw``), DeepSpeed neither clips nor computes the gradient norm."""
     optim, engine = cfg.optim, cfg.engine
+    norm_in_adamw = clips_inside_adamw(cfg)
     ds = {
         "train_batch_size": optim.global_batch,
         "train_micro_batch_size_per_gpu": optim.micro_batch,
         "gradient_accumulation_steps": optim.accumulation_steps(world_size),
-        "gradient_clipping": 0.0 if clips_inside_adamw(cfg) else optim.clip_grad,
-        "zero_optimization": {"stage": engine.zero_stage},
+        "gradient_clipping": 0.0 if norm_in_adamw else optim.clip_grad,
+        "zero_optimization": {"stage": engine.zero_stage, "compute_grad_norm": not norm_in_adamw},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -86,20 +89,34 @@ def clips_inside_adamw(cfg: Config) -> bool:
 
 
 def clip_inside_adamw(engine, max_norm: float) -> None:
-    """ZeRO 1/2 clipping without a host read. DeepSpeed's own clipping reads the global gradient norm back to the host
-    every step (to reject an invalid one), which stalls the GPU queue. DeepSpeed computes that norm on the device
-    (``_global_grad_norm``, private: tests/test_deepspeed_setup.py fails if an upgrade moves it) before it steps its
-    param groups, so a pre-step hook hands the fused AdamW the clip factor as its ``grad_scale``
-    (the kernel divides the gradients by it, as for ``torch.amp.GradScaler``). A non-finite norm raises ``found_inf``
-    instead, and the update is skipped, as the non-finite guard skips one. Where DeepSpeed clips after all (a
-    checkpoint written with its clipping on restores it), the hook stands aside."""
+    """ZeRO 1/2 clipping without a host sync and without per-tensor kernels. DeepSpeed's own clipping norms each
+    gradient tensor separately and then syncs twice a step (its invalid-norm check reads the norm; its NaN masking
+    fills from a 0-dim device tensor, which CUDA reads back). So DeepSpeed's config turns its norm off
+    (``compute_grad_norm: false``), and a pre-step hook on the fused AdamW computes the global norm on the device:
+    one multi-tensor norm over this rank's gradient partition and one all-reduce, at the first param group's update,
+    before any weight moves. It hands AdamW the clip factor as its ``grad_scale`` (the kernel divides the gradients by
+    it, as for ``torch.amp.GradScaler``), or ``found_inf`` when the norm is not finite, which skips the update as the
+    non-finite guard skips one. The norm is also left where DeepSpeed's ``get_global_grad_norm`` reports it.
+
+    DeepSpeed steps the param groups one at a time; when the first one steps, its gradient is the flat fp32 partition
+    AdamW sees and the others still wait in ``averaged_gradients`` (private, as is ``_global_grad_norm``:
+    tests/test_deepspeed_setup.py fails if an upgrade moves either). ZeRO partitions are disjoint and cover the model
+    in the data-parallel group, which is the whole world in ``smim-train``."""
     zero_optimizer, adamw = engine.optimizer, fused_adamw(engine)
+    first_partition = adamw.param_groups[0]["params"][0]
+
+    def global_grad_norm(optimizer) -> torch.Tensor:
+        stepping = [param.grad for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+        waiting = [grad for grads in zero_optimizer.averaged_gradients.values() if grads is not None for grad in grads]
+        squares = torch.stack(torch._foreach_norm(stepping + waiting, 2, dtype=torch.float32)).square().sum()
+        dist.all_reduce(squares)
+        return squares.sqrt()
 
     def before_update(optimizer, args, kwargs) -> None:
-        if zero_optimizer.clip_grad > 0:
-            return
+        if optimizer.param_groups[0]["params"][0] is first_partition:
+            zero_optimizer._global_grad_norm = global_grad_norm(optimizer)
         norm = zero_optimizer._global_grad_norm
-        invalid = (~torch.isfinite(norm) | (norm < 0)).float()
+        invalid = (~torch.isfinite(norm)).float()
         optimizer.grad_scale = torch.where(invalid > 0, 1.0, ((norm + 1e-6) / max_norm).clamp(min=1.0))
         found_inf = getattr(optimizer, "found_inf", None)
         optimizer.found_inf = invalid if found_inf is None else torch.maximum(found_inf, invalid)
