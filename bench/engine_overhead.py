@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import clip_inside_adamw, clips_inside_adamw, deepspeed_config, param_groups
+from smim_dist.engine.deepspeed_setup import clip_inside_adamw, deepspeed_config, norm_inside_adamw, param_groups
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.models.mim import MIMModel
@@ -132,7 +132,7 @@ def main() -> None:
         model = copy.deepcopy(base).to(device)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
-        if clips_inside_adamw(cfg) and not args.torch_autocast:
+        if norm_inside_adamw(cfg) and not args.torch_autocast:
             clip_inside_adamw(engine, cfg.optim.clip_grad)
         input_dtype = torch.float32 if args.torch_autocast else torch.bfloat16
 

@@ -12,7 +12,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import stage_1_and_2
 
 from smim_dist.config import Config, ModelConfig
-from smim_dist.engine.deepspeed_setup import (build_engine, clips_inside_adamw, deepspeed_config, fused_adamw,
+from smim_dist.engine.deepspeed_setup import (build_engine, deepspeed_config, fused_adamw, norm_inside_adamw,
                                                param_groups)
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
@@ -220,14 +220,15 @@ def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_grou
     assert any(not torch.allclose(weights["unclipped"][name], value) for name, value in weights["DeepSpeed"].items())
 
 
+@pytest.mark.parametrize("clip_grad", [0.05, 0.0])
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_a_clipped_bf16_step_reads_the_device_only_inside_the_cpu_adamw_kernel(process_group, zero_stage):
-    """On a GPU every host read stalls the queue. A clipped bf16 ZeRO 1/2 step reads the device only where torch's
-    fused AdamW CPU kernel reads its own step inputs (the CUDA kernel reads them on the device): DeepSpeed's norm and
-    clipping reads are gone."""
+def test_a_bf16_step_reads_the_device_only_inside_the_cpu_adamw_kernel(process_group, zero_stage, clip_grad):
+    """On a GPU every host read stalls the queue. A bf16 ZeRO 1/2 step, clipped or not, reads the device only where
+    torch's fused AdamW CPU kernel reads its own step inputs (the CUDA kernel reads them on the device): DeepSpeed's
+    norm and clipping reads are gone, and the norm is still reported."""
     if not get_accelerator().is_bf16_supported():
         pytest.skip("DeepSpeed's accelerator here has no bf16")
-    engine, target = micro_engine(process_group.device, "bf16", zero_stage, clip_grad=0.05)
+    engine, target = micro_engine(process_group.device, "bf16", zero_stage, clip_grad=clip_grad)
     batches = [micro_batch(target, seed=step) for step in range(3)]
     engine.backward(batch_loss(engine, *batches[0]))
     engine.step()
@@ -243,6 +244,7 @@ def test_a_clipped_bf16_step_reads_the_device_only_inside_the_cpu_adamw_kernel(p
                 parent = parent.cpu_parent
             sources.add(parent.name if parent is not None else "?")
     assert sources and all("torch/optim/adam.py" in source for source in sources), sources
+    assert float(engine.get_global_grad_norm()) > 0
 
 
 @pytest.mark.parametrize("zero_stage, precision, deepspeed_clips", [
@@ -250,5 +252,6 @@ def test_a_clipped_bf16_step_reads_the_device_only_inside_the_cpu_adamw_kernel(p
 def test_only_zero_1_2_without_loss_scaling_leave_clipping_to_adamw(zero_stage, precision, deepspeed_clips):
     """fp16's loss scaling and ZeRO 0/3 keep DeepSpeed's own clipping; nowhere is the clip dropped."""
     cfg = micro_config(precision, zero_stage)
+    assert cfg.optim.clip_grad > 0
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == (cfg.optim.clip_grad if deepspeed_clips else 0.0)
-    assert clips_inside_adamw(cfg) is not deepspeed_clips
+    assert norm_inside_adamw(cfg) is not deepspeed_clips

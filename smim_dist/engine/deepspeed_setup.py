@@ -42,7 +42,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md. Where the fused
     AdamW clips (``clip_inside_adamw``), DeepSpeed neither clips nor computes the gradient norm."""
     optim, engine = cfg.optim, cfg.engine
-    norm_in_adamw = clips_inside_adamw(cfg)
+    norm_in_adamw = norm_inside_adamw(cfg)
     ds = {
         "train_batch_size": optim.global_batch,
         "train_micro_batch_size_per_gpu": optim.micro_batch,
@@ -67,7 +67,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.d
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
-    if clips_inside_adamw(cfg):
+    if norm_inside_adamw(cfg):
         clip_inside_adamw(engine, cfg.optim.clip_grad)
     if cfg.engine.compile:
         engine.compile()
@@ -83,9 +83,11 @@ def fused_adamw(engine) -> torch.optim.AdamW:
     return optimizer
 
 
-def clips_inside_adamw(cfg: Config) -> bool:
-    """ZeRO 1/2 in fp32 or bf16; fp16 keeps DeepSpeed's clipping, which its loss scaling needs anyway."""
-    return cfg.engine.zero_stage in (1, 2) and cfg.engine.precision != "fp16" and cfg.optim.clip_grad > 0
+def norm_inside_adamw(cfg: Config) -> bool:
+    """ZeRO 1/2 in fp32 or bf16 take the gradient norm (and clip, when ``optim.clip_grad`` is on) in AdamW's pre-step
+    hook, with or without clipping, so the logged norm costs no sync either; fp16 keeps DeepSpeed's clipping, which its
+    loss scaling needs anyway."""
+    return cfg.engine.zero_stage in (1, 2) and cfg.engine.precision != "fp16"
 
 
 def clip_inside_adamw(engine, max_norm: float) -> None:
@@ -97,6 +99,7 @@ def clip_inside_adamw(engine, max_norm: float) -> None:
     before any weight moves. It hands AdamW the clip factor as its ``grad_scale`` (the kernel divides the gradients by
     it, as for ``torch.amp.GradScaler``), or ``found_inf`` when the norm is not finite, which skips the update as the
     non-finite guard skips one. The norm is also left where DeepSpeed's ``get_global_grad_norm`` reports it.
+    ``max_norm`` 0 computes and reports the norm without clipping.
 
     DeepSpeed steps the param groups one at a time; when the first one steps, its gradient is the flat fp32 partition
     AdamW sees and the others still wait in ``averaged_gradients`` (private, as is ``_global_grad_norm``:
@@ -117,7 +120,8 @@ def clip_inside_adamw(engine, max_norm: float) -> None:
             zero_optimizer._global_grad_norm = global_grad_norm(optimizer)
         norm = zero_optimizer._global_grad_norm
         invalid = (~torch.isfinite(norm)).float()
-        optimizer.grad_scale = torch.where(invalid > 0, 1.0, ((norm + 1e-6) / max_norm).clamp(min=1.0))
+        if max_norm > 0:
+            optimizer.grad_scale = torch.where(invalid > 0, 1.0, ((norm + 1e-6) / max_norm).clamp(min=1.0))
         found_inf = getattr(optimizer, "found_inf", None)
         optimizer.found_inf = invalid if found_inf is None else torch.maximum(found_inf, invalid)
 
