@@ -62,6 +62,6 @@ def train_cli(nproc: int, config: str, overrides: list[str], **kw) -> subprocess
     return run_cli(["launchers/local.py", "--nproc", str(nproc), "--config", config, *overrides], **kw)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r[metric] for r in records}

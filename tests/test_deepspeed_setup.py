@@ -187,9 +187,9 @@ def deepspeeds_own_clipping_engine(cfg: Config, device):
     return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision, accumulation", [("fp32", 1), ("fp32", 2), ("bf16", 1)])
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_group, zero_stage, precision):
+def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_group, zero_stage, precision, accumulation):
     """ZeRO 1/2 clip through the fused AdamW's ``grad_scale`` with a norm of their own; the weights must follow
     DeepSpeed's own clipping of the same gradients, the logged norm must be DeepSpeed's, and the weights must differ
     from an unclipped run's (the clip is active)."""
@@ -198,7 +198,7 @@ def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_grou
     weights, norms = {}, {}
     for label in ("inside AdamW", "DeepSpeed", "unclipped"):
         torch.manual_seed(0)
-        cfg = micro_config(precision, zero_stage)
+        cfg = micro_config(precision, zero_stage, accumulation)
         cfg.optim.clip_grad = 0.0 if label == "unclipped" else 0.05
         if label == "DeepSpeed":
             engine = deepspeeds_own_clipping_engine(cfg, process_group.device)
@@ -206,8 +206,9 @@ def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_grou
             engine = build_engine(cfg, MIMModel(cfg.model, PixelTarget(8).out_dim), 1, process_group.device)
         norms[label] = []
         for step in range(3):
-            engine.backward(micro_loss(engine, PixelTarget(8), seed=step))
-            engine.step()
+            for micro_step in range(accumulation):
+                engine.backward(micro_loss(engine, PixelTarget(8), seed=step * accumulation + micro_step))
+                engine.step()
             norms[label].append(float(engine.get_global_grad_norm()))
         weights[label] = {name: value.detach().float().clone() for name, value in engine.module.state_dict().items()}
     torch.testing.assert_close(norms["inside AdamW"][0], norms["DeepSpeed"][0], rtol=1e-5, atol=0)

@@ -19,17 +19,22 @@ def snapshot(directory):
 
 
 def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
+    """Losses match; so do the gradient norms of DeepSpeed's ZeRO 3 and of AdamW's hook under ZeRO 2, which sums
+    both ranks' partitions."""
     base = tiny_overrides(tmp_path, demo_data)
     train_cli(1, TINY_CONFIG, [*base, "run_name=single", "engine.zero_stage=0"])
     reference = losses(tmp_path / "single")
     assert sorted(reference) == list(range(1, 9)), "2 epochs x 4 steps, logged every step"
+    norms = {}
     for stage in (0, 2, 3):
         name = f"zero{stage}"
         train_cli(2, TINY_CONFIG, [*base, f"run_name={name}", f"engine.zero_stage={stage}"])
-        got = losses(tmp_path / name)
+        got, norms[stage] = losses(tmp_path / name), losses(tmp_path / name, "grad_norm")
         assert got.keys() == reference.keys()
         for step, loss in reference.items():
             assert got[step] == pytest.approx(loss, rel=2e-4), f"ZeRO-{stage} step {step}"
+    for step, norm in norms[3].items():
+        assert norms[2][step] == pytest.approx(norm, rel=1e-3), f"step {step}"
 
 
 def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
