@@ -40,7 +40,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """bf16 runs without DeepSpeed's per-gradient overflow checks: bf16 has fp32's range, and the loop's non-finite
     guard already skips the update of every step with a non-finite loss on any rank. On an H200 those checks (six small
     kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md. Where the fused
-    AdamW clips (``clip_inside_adamw``), DeepSpeed neither clips nor computes the gradient norm."""
+    AdamW takes the gradient norm (``norm_inside_adamw``), DeepSpeed neither clips nor computes it."""
     optim, engine = cfg.optim, cfg.engine
     norm_in_adamw = norm_inside_adamw(cfg)
     ds = {
