@@ -168,6 +168,20 @@ def _job_in_queue(job_id: str) -> str | None:
     return state or None
 
 
+def batch_split(cfg: Config, world_size: int) -> str:
+    optim = cfg.optim
+    return (f"global batch {optim.global_batch} = {optim.micro_batch_size(world_size)} per task x "
+            f"{optim.accumulation_steps(world_size)} accumulation x {world_size}")
+
+
+class ScriptOnlyExecutor(submitit.SlurmExecutor):
+    """Writes the job script on any machine, for ``--dry-run`` (submitit's executor refuses to exist without srun)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
 def check_run(cfg: Config, world_size: int) -> None:
     """Everything that would make the job fail at start, checked on the submitting machine."""
     cfg.optim.accumulation_steps(world_size)
@@ -191,16 +205,21 @@ def submit(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, [*overrides, *container_overrides(cfg)])
     world_size = args.nodes * (args.gpus_per_node or args.tasks_per_node)
     check_run(cfg, world_size)
+    if not args.dry_run and shutil.which("srun") is None:
+        raise ConfigError("no SLURM on this machine (srun is not on PATH): run this command on the cluster's login "
+                          "node (--dry-run prints the job script anywhere), or use launchers/local.py or torchrun")
     params = slurm_parameters(args, cfg)
     folder = cfg.run_dir / JOB_FOLDER
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues,
-                                      python=CONTAINER_PYTHON if args.container_image else None)
+    executor_class = ScriptOnlyExecutor if args.dry_run else submitit.SlurmExecutor
+    executor = executor_class(folder=folder, max_num_timeout=args.max_requeues,
+                              python=CONTAINER_PYTHON if args.container_image else None)
     executor.update_parameters(**params["train"])
     job = TrainJob(config=cfg.to_dict(), max_requeues=args.max_requeues, eval_slurm=params["eval"])
     if args.dry_run:
         command = f"{executor.python} -u -m submitit.core._submit {folder}"
         print(executor._make_submission_file_text(command, "dry-run"))
-        print(f"# dry run: nothing submitted; {world_size} tasks would train {cfg.run_dir}")
+        print(f"# dry run: nothing submitted; {world_size} tasks would train {cfg.run_dir}, "
+              f"{batch_split(cfg, world_size)}")
         return 0
     created = not cfg.run_dir.exists()
     before = set(folder.glob("*")) if folder.exists() else set()
@@ -215,7 +234,8 @@ def submit(args: argparse.Namespace) -> int:
         print(f"launchers/slurm.py: sbatch refused the job, nothing was submitted: {err}", file=sys.stderr)
         return 1
     (folder / JOB_ID_FILE).write_text(submitted.job_id + "\n")
-    print(f"submitted job {submitted.job_id}: {world_size} tasks on {args.nodes} node(s)\n"
+    print(f"submitted job {submitted.job_id}: {world_size} tasks on {args.nodes} node(s), "
+          f"{batch_split(cfg, world_size)}\n"
           f"run directory: {cfg.run_dir}\n"
           f"follow it:     tail -f {folder}/{submitted.job_id}_0_log.err     (metrics: {cfg.run_dir}/metrics.jsonl)\n"
           f"stop it:       scancel {submitted.job_id}     (resubmit this command to resume)")

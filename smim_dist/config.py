@@ -96,7 +96,8 @@ class OptimConfig:
     global_batch: int = 2048
     """images per optimizer step over all ranks = micro_batch x accumulation x world size"""
     micro_batch: int = 64
-    """images per rank per forward/backward"""
+    """at most this many images per rank per forward/backward (what fits in memory): a run uses the largest divisor of
+    global_batch / world size not above it, so one config trains on any world size that divides the global batch"""
     lr: float = 1.5e-3
     min_lr: float = 1e-5
     warmup_epochs: float = 10.0
@@ -106,16 +107,19 @@ class OptimConfig:
     clip_grad: float = 3.0
     """global grad-norm clip; 0 turns it off"""
 
-    def accumulation_steps(self, world_size: int) -> int:
-        """Micro-steps per optimizer step so that micro_batch x accumulation x world_size == global_batch."""
-        per_step = self.micro_batch * world_size
-        if self.global_batch % per_step:
+    def micro_batch_size(self, world_size: int) -> int:
+        """Images per rank per micro-step on ``world_size`` ranks (see ``micro_batch``)."""
+        if self.global_batch % world_size:
             raise ConfigError(
-                f"optim.global_batch={self.global_batch} is not divisible by optim.micro_batch={self.micro_batch} x "
-                f"{world_size} processes; global batch = micro batch x gradient accumulation x world size, so pick a "
-                f"micro batch that divides {self.global_batch // world_size if self.global_batch % world_size == 0 else 'it'}"
-                " or change the number of processes")
-        return self.global_batch // per_step
+                f"optim.global_batch={self.global_batch} is not divisible by {world_size} processes; global batch = "
+                "micro batch x gradient accumulation x world size, so change the number of processes (or the global "
+                "batch, which changes the recipe)")
+        per_rank = self.global_batch // world_size
+        return max(size for size in range(1, min(self.micro_batch, per_rank) + 1) if per_rank % size == 0)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step: micro_batch_size x accumulation x world_size == global_batch."""
+        return self.global_batch // (self.micro_batch_size(world_size) * world_size)
 
 
 @dataclass
@@ -273,9 +277,9 @@ def validate(cfg: Config) -> None:
     if cfg.target.kind == "maskfeat" and cfg.model.patch_size % 8:
         raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the HOG target needs a multiple of 8")
     optim = cfg.optim
-    if optim.global_batch < 1 or optim.micro_batch < 1 or optim.global_batch % optim.micro_batch:
-        raise ConfigError(f"optim.global_batch={optim.global_batch} is not a multiple of optim.micro_batch="
-                          f"{optim.micro_batch}; global batch = micro batch x gradient accumulation x world size")
+    if optim.global_batch < 1 or optim.micro_batch < 1:
+        raise ConfigError(f"optim.global_batch={optim.global_batch}, optim.micro_batch={optim.micro_batch}: both must "
+                          "be at least 1 (global batch = micro batch x gradient accumulation x world size)")
     if optim.epochs < 1 or not 0 <= optim.warmup_epochs <= optim.epochs:
         raise ConfigError(f"optim.epochs={optim.epochs}, optim.warmup_epochs={optim.warmup_epochs}: need "
                           "epochs >= 1 and 0 <= warmup_epochs <= epochs")

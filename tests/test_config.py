@@ -54,7 +54,7 @@ def test_base_chain_and_overrides(tmp_path):
     ("", ["mask.ratio=0.001"], "masks 0 of 196"),
     ("", ["model.img_size=200"], "image size 200x200 is not divisible by patch size 16"),
     ("", ["model.num_proxy=0"], "model.num_proxy=0"),
-    ("", ["optim.global_batch=100", "optim.micro_batch=64"], "not a multiple of optim.micro_batch=64"),
+    ("", ["optim.micro_batch=0"], "optim.micro_batch=0: both must be at least 1"),
     ("", ["engine.zero_stage=4"], "engine.zero_stage=4"),
     ("", ["target.kind=beit"], "target.tokenizer_path"),
     ("", ["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
@@ -100,11 +100,20 @@ def test_saved_config_round_trips_with_its_hash(tmp_path):
     assert Config().hash() == Config().hash()
 
 
-def test_accumulation_from_global_batch():
-    cfg = load_config(REPO / "configs/demo_cpu.yaml", ["optim.global_batch=256", "optim.micro_batch=32"])
-    assert cfg.optim.accumulation_steps(1) == 8 and cfg.optim.accumulation_steps(4) == 2
-    with pytest.raises(ConfigError, match="not divisible by optim.micro_batch=32 x 3 processes"):
-        cfg.optim.accumulation_steps(3)
+def test_micro_batch_is_the_largest_split_under_the_cap():
+    """One config on any world size that divides the global batch: the paper's 2048 with at most 256 per rank."""
+    optim = load_config(REPO / "configs/demo_cpu.yaml", ["optim.global_batch=2048", "optim.micro_batch=256"]).optim
+    split = {world: (optim.micro_batch_size(world), optim.accumulation_steps(world)) for world in (1, 2, 8, 16, 64)}
+    assert split == {1: (256, 8), 2: (256, 4), 8: (256, 1), 16: (128, 1), 64: (32, 1)}
+    optim.micro_batch = 96
+    assert (optim.micro_batch_size(1), optim.accumulation_steps(1)) == (64, 32)
+    optim.global_batch = 96
+    assert (optim.micro_batch_size(1), optim.accumulation_steps(1)) == (96, 1)
+    assert (optim.micro_batch_size(4), optim.accumulation_steps(4)) == (24, 1)
+    optim.micro_batch = 40
+    assert (optim.micro_batch_size(1), optim.accumulation_steps(1)) == (32, 3)
+    with pytest.raises(ConfigError, match="optim.global_batch=96 is not divisible by 5 processes"):
+        optim.accumulation_steps(5)
 
 
 def test_cosine_schedule_values():

@@ -33,12 +33,14 @@ def uninterrupted(tmp_path_factory, demo_data):
     return losses(run), final_weights(run)
 
 
-@pytest.mark.parametrize("stage, legs", [(1, [(2, 6), (1, 1), (2, None)]), (3, [(1, 6), (2, None)])],
-                         ids=["zero1-2to1to2", "zero3-1to2"])
-def test_stopped_run_resumes_on_other_world_sizes(tmp_path, demo_data, uninterrupted, stage, legs):
+@pytest.mark.parametrize("stage, micro_batch, legs", [(1, 8, [(2, 6), (1, 1), (2, None)]),
+                                                      (3, 16, [(1, 6), (2, None)])], ids=["zero1-2to1to2", "zero3-1to2"])
+def test_stopped_run_resumes_on_other_world_sizes(tmp_path, demo_data, uninterrupted, stage, micro_batch, legs):
     """4 steps per epoch: the stops at steps 6 and 7 fall inside epoch 2, so the micro-batches consumed there are
-    converted to the new accumulation (global batch 16 = 8 x 2 accumulation x 1 = 8 x 1 x 2)."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=elastic", f"engine.zero_stage={stage}")
+    converted to the new split of global batch 16: ZeRO 1 changes the accumulation (8 x 2 x 1 = 8 x 1 x 2), ZeRO 3,
+    with at most 16 per rank, the micro-batch size (16 x 1 x 1 = 8 x 1 x 2)."""
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=elastic", f"engine.zero_stage={stage}",
+                               f"optim.micro_batch={micro_batch}")
     checkpoints = tmp_path / "elastic" / "checkpoints"
     resumed_tags, before = [], None
     for nproc, steps in legs:
@@ -48,7 +50,7 @@ def test_stopped_run_resumes_on_other_world_sizes(tmp_path, demo_data, uninterru
         before = nproc
         tag = (checkpoints / "latest").read_text().strip()
         meta = json.loads((checkpoints / tag / "meta.json").read_text())
-        accumulation = 2 // nproc
+        accumulation = 16 // (min(micro_batch, 16 // nproc) * nproc)
         assert (meta["world_size"], meta["accumulation"]) == (nproc, accumulation)
         if steps is not None:
             assert meta["batch_in_epoch"] == (meta["step"] - 4) * accumulation

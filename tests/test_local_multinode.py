@@ -103,7 +103,7 @@ def launch(*args):
     ([], {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK=2: must be 0 to 1 with NNODES=2"),
     ([], {"PET_NNODES": "two"}, "PET_NNODES='two' in the environment: expected a whole number"),
     (["--nnodes", "3", "--node-rank", "0", "--master-addr", "10.0.0.1"], {},
-     "optim.global_batch=64 is not divisible by optim.micro_batch=64 x 3 processes"),
+     "optim.global_batch=64 is not divisible by 3 processes"),
 ])
 def test_bad_node_options_are_refused_before_anything_starts(args, env, message, monkeypatch):
     for name, value in env.items():

@@ -82,7 +82,7 @@ def test_batches_match_file_loader(shard_dir, tmp_path):
 
 
 def test_ranks_read_disjoint_shards_and_keys(shard_dir):
-    cfg = config()
+    cfg = config("optim.global_batch=8")
     streams = [build_shard_loader(cfg, spec(shard_dir), rank, 2, epoch=0).dataset for rank in (0, 1)]
     assert set(streams[0].shards).isdisjoint(streams[1].shards)
     assert sorted(streams[0].shards + streams[1].shards) == sorted(expand_shards(spec(shard_dir)))

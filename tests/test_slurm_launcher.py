@@ -59,6 +59,26 @@ def test_dry_run_prints_the_sbatch_script_and_creates_nothing(tmp_path):
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
 
+@pytest.mark.parametrize("nodes, gpus, split", [("8", "8", "32 per task x 1 accumulation x 64"),
+                                                 ("1", "8", "256 per task x 1 accumulation x 8"),
+                                                 ("1", "1", "256 per task x 8 accumulation x 1")])
+def test_the_paper_config_splits_its_global_batch_on_any_cluster(tmp_path, nodes, gpus, split):
+    beton = tmp_path / "in1k.beton"
+    beton.touch()
+    proc = launch("--config", "configs/maskfeat_proxy.yaml", "--nodes", nodes, "--gpus-per-node", gpus, "--dry-run",
+                  f"output_dir={tmp_path}", f"data.path={beton}", check=True)
+    assert f"global batch 2048 = {split}" in proc.stdout
+
+
+def test_without_slurm_only_the_dry_run_works(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    args = ["--config", TINY_CONFIG, "--output-dir", str(tmp_path / "runs")]
+    assert "#SBATCH --nodes=1" in launch(*args, "--dry-run", check=True).stdout
+    proc = launch(*args)
+    assert proc.returncode == 2 and "no SLURM on this machine (srun is not on PATH)" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_submitting_imports_none_of_the_trainer(tmp_path):
     """A login node checks and submits without DeepSpeed (which probes for accelerators and prints about it), FFCV,
     timm or wandb: the job imports the trainer on the compute node."""
@@ -100,7 +120,7 @@ def test_bad_cluster_options_are_refused(args, message):
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/nope.yaml"], "config file not found"),
     (["--config", TINY_CONFIG, "optim.lr=fast"], "optim.lr: expected float, got str 'fast'"),
-    (["--config", TINY_CONFIG, "--nodes", "3"], "optim.global_batch=64 is not divisible by optim.micro_batch=64"),
+    (["--config", TINY_CONFIG, "--nodes", "3"], "optim.global_batch=64 is not divisible by 24 processes"),
 ])
 def test_configs_that_do_not_resolve_are_refused(args, message):
     proc = launch(*args, "--dry-run")

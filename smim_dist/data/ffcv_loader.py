@@ -103,7 +103,7 @@ class FFCVPretrainLoader:
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device | None = None):
         reader = check_beton(cfg.data.path, cfg.model.img_size, cfg.optim.global_batch)
-        self.sampler = ResumableDistributedSampler(reader.num_samples, cfg.optim.micro_batch,
+        self.sampler = ResumableDistributedSampler(reader.num_samples, cfg.optim.micro_batch_size(world_size),
                                                    cfg.optim.accumulation_steps(world_size), rank, world_size, cfg.seed)
         self.clock = EpochClock()
         masks = build_mask_generator(cfg.mask.kind, image_grid(cfg.model.img_size, cfg.model.patch_size),
@@ -114,7 +114,7 @@ class FFCVPretrainLoader:
         decoder = SeededCropDecoder(cfg.model.img_size, cfg.seed, self.clock, data.crop_scale, data.crop_ratio,
                                     data.hflip, data.color_jitter)
         self.loader = _new_loader(
-            fname=str(cfg.data.path), batch_size=cfg.optim.micro_batch, num_workers=_threads(data.num_workers),
+            fname=str(cfg.data.path), batch_size=self.sampler.micro_batch, num_workers=_threads(data.num_workers),
             order=_SamplerOrder(self.sampler), drop_last=True, batches_ahead=3, pipelines={
                 "image": PipelineSpec("image", decoder, [ToTensor(), *to_device, ToTorchImage(channels_last=False)]),
                 "label": None,

@@ -89,9 +89,10 @@ def build_pretrain_loader(cfg: Config, rank: int, world_size: int, device: torch
         return stream, stream
     root, files = training_files(cfg)
     dataset = ImageListDataset(root, files, PretrainTransform(cfg))
-    sampler = ResumableDistributedSampler(len(dataset), cfg.optim.micro_batch, cfg.optim.accumulation_steps(world_size),
+    micro_batch = cfg.optim.micro_batch_size(world_size)
+    sampler = ResumableDistributedSampler(len(dataset), micro_batch, cfg.optim.accumulation_steps(world_size),
                                           rank, world_size, cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.optim.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
+    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
                         collate_fn=stack_samples, pin_memory=torch.cuda.is_available(), drop_last=True,
                         persistent_workers=cfg.data.num_workers > 0,
                         prefetch_factor=4 if cfg.data.num_workers > 0 else None)

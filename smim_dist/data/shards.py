@@ -96,10 +96,10 @@ class ShardStream(IterableDataset):
     its last whole batch; with it the rank yields exactly that many micro-batches, a worker that runs dry reading its
     shards again with a fresh shuffle (every rank must take the same number of steps under DDP)."""
 
-    def __init__(self, cfg: Config, shards: list[str], rank: int, epoch: int, start_batch: int,
+    def __init__(self, cfg: Config, shards: list[str], rank: int, batch_size: int, epoch: int, start_batch: int,
                  batches_per_epoch: int | None, shuffle_buffer: int):
         self.transform = PretrainTransform(cfg)
-        self.seed, self.batch_size = cfg.seed, cfg.optim.micro_batch
+        self.seed, self.batch_size = cfg.seed, batch_size
         self.shards, self.rank, self.epoch = shards, rank, epoch
         self.start_batch, self.batches_per_epoch, self.shuffle_buffer = start_batch, batches_per_epoch, shuffle_buffer
 
@@ -186,8 +186,9 @@ def build_shard_loader(cfg: Config, shards: str, rank: int, world_size: int, epo
         raise ValueError(f"start_batch={start_batch} outside this epoch's {batches_per_epoch} micro-batches")
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(urls))
     mine = [urls[i] for i in order[rank::world_size]]
-    dataset = ShardStream(cfg, mine, rank, epoch, start_batch, batches_per_epoch, shuffle_buffer)
-    return DataLoader(dataset, batch_size=cfg.optim.micro_batch, num_workers=cfg.data.num_workers,
+    micro_batch = cfg.optim.micro_batch_size(world_size)
+    dataset = ShardStream(cfg, mine, rank, micro_batch, epoch, start_batch, batches_per_epoch, shuffle_buffer)
+    return DataLoader(dataset, batch_size=micro_batch, num_workers=cfg.data.num_workers,
                       collate_fn=stack_samples, pin_memory=torch.cuda.is_available(), drop_last=True,
                       prefetch_factor=4 if cfg.data.num_workers > 0 else None)
 

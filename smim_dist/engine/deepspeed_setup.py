@@ -45,7 +45,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     norm_in_adamw = norm_inside_adamw(cfg)
     ds = {
         "train_batch_size": optim.global_batch,
-        "train_micro_batch_size_per_gpu": optim.micro_batch,
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size(world_size),
         "gradient_accumulation_steps": optim.accumulation_steps(world_size),
         "gradient_clipping": 0.0 if norm_in_adamw else optim.clip_grad,
         "zero_optimization": {"stage": engine.zero_stage, "compute_grad_norm": not norm_in_adamw},

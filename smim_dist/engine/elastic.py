@@ -1,10 +1,11 @@
 """Resume a checkpoint on another number of data-parallel ranks, keeping the global batch and the LR schedule.
 
-The data side needs one number converted: the sampler lays an epoch out as (step, micro-step, rank, sample), so k
-micro-batches consumed on each of W ranks are the first k x W x micro_batch samples of the epoch on any world size,
-and ``batch_in_epoch`` scales by W / W'. Checkpoints fall on step boundaries, so this is steps x accumulation', exact.
-The LR follows ``step``, which does not change. (Webdataset shards are split over the
-ranks, so there the rest of an interrupted epoch is re-split: some of its samples are seen twice, some not at all.)
+The data side needs one number converted: the sampler lays an epoch out as (step, micro-step, rank, sample), and
+checkpoints fall on step boundaries, so the s steps of the epoch done on W ranks are its first s x global_batch
+samples on any world size, and ``batch_in_epoch`` becomes s x accumulation' (the micro-batch size may change with the
+world size too; see ``OptimConfig.micro_batch``). The LR follows ``step``, which does not change. (Webdataset shards
+are split over the ranks, so there the rest of an interrupted epoch is re-split: some of its samples are seen twice,
+some not at all.)
 
 The model side depends on where the optimizer state lives. Replicated (ZeRO-0 in fp32) it loads on any world size as
 it is. Partitioned over the ranks (``*optim_states.pt`` files: ZeRO-1/2/3, and bf16 without ZeRO) it is first
@@ -50,7 +51,8 @@ def resume(engine, cfg: Config, dist_info: DistInfo, tag: str) -> TrainState:
     if old_world == dist_info.world_size:
         return TrainState(**load_checkpoint(engine, cfg.run_dir, dist_info, tag)["train_state"])
     state = TrainState(**_load_elsewhere(engine, cfg.run_dir, folder, dist_info, old_world)["train_state"])
-    state.batch_in_epoch = state.batch_in_epoch * old_world // dist_info.world_size
+    old_accumulation = meta.get("accumulation") or cfg.optim.accumulation_steps(old_world)
+    state.batch_in_epoch = state.batch_in_epoch // old_accumulation * engine.gradient_accumulation_steps()
     seed = int(np.random.SeedSequence([cfg.seed, state.step, dist_info.rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
