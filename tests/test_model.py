@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from timm.layers import DropPath
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -11,6 +12,7 @@ from smim_dist.config import ModelConfig
 from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
 from smim_dist.masking import RandomMaskGenerator
 from smim_dist.models.flops import appendix_c_block_macs, forward_flops
+from smim_dist.models.layers import Block
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel
 
@@ -150,6 +152,24 @@ def test_gradient_checkpointing_matches_plain_backward():
         model(images, mask).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("layer_scale_init", [0.1, None])
+@pytest.mark.parametrize("drop_path, training", [(0.5, True), (0.5, False), (0.0, True)])
+def test_residuals_are_timms_layer_scale_and_drop_path(layer_scale_init, drop_path, training):
+    """The blocks fold stochastic depth and layer scale into one multiply; timm's modules, same seed, same result."""
+    block = Block(32, 4, 4.0, True, layer_scale_init, drop_path).train(training)
+    x, branch = torch.randn(16, 5, 32, requires_grad=True), torch.randn(16, 5, 32, requires_grad=True)
+    results = []
+    for residual in (lambda: block._residual(x, branch, block.ls1),
+                     lambda: x + DropPath(drop_path).train(training)(block.ls1(branch) if block.ls1 else branch)):
+        torch.manual_seed(0)
+        out = residual()
+        grads = torch.autograd.grad(out.square().sum(), [x, branch, *block.parameters()], allow_unused=True)
+        results.append((out, [g for g in grads if g is not None]))
+    torch.testing.assert_close(results[0], results[1])
+    dropped = (results[0][0] == x).all(-1).all(-1)
+    assert dropped.any() == (training and drop_path > 0) and not dropped.all()
 
 
 def test_any_size_divisible_by_patch():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import LayerScale, Mlp
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -70,16 +70,26 @@ class _ResidualMlp(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float, layer_scale_init: float | None, drop_path: float):
         super().__init__()
-        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else None
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else None
+        self.drop_path = drop_path
+
+    def _residual(self, x: Tensor, branch: Tensor, layer_scale: LayerScale | None) -> Tensor:
+        """``x + DropPath(LayerScale(branch))`` with one multiply over the activations instead of two: the per-sample
+        keep factor (drawn as timm's DropPath draws it) and the per-channel gamma first make a ``[B, 1, D]`` scale.
+        Eager on a GPU these memory-bound passes over ``[B, T, D]`` are a visible share of the step (bench/README.md);
+        ``addcmul`` would save the add too, but its backward makes another full-size pass."""
+        scale = None if layer_scale is None else layer_scale.gamma
+        if self.training and self.drop_path > 0:
+            keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - self.drop_path).div_(1 - self.drop_path)
+            scale = keep if scale is None else keep * scale
+        return x + (branch if scale is None else branch * scale)
 
     def _finish(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(attn_out))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = self._residual(x, attn_out, self.ls1)
+        return self._residual(x, self.mlp(self.norm2(x)), self.ls2)
 
 
 class Block(_ResidualMlp):
