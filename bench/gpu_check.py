@@ -119,10 +119,15 @@ def time_engine(args, dist_info, target, peak: float) -> bool:
         tflops = flops / seconds[label] / 1e12
         print(f"  {label}, {model_name(args)} proxy, MaskFeat, batch {args.batch}: {1e3 * seconds[label]:.1f} ms/step, "
               f"{args.batch / seconds[label]:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds["loop"], syncs_listed = time_loop(args, dist_info)
     tflops = flops / seconds["loop"] / 1e12
+    memory = (f", peak memory {(torch.cuda.max_memory_allocated(device) - held) / 2**30:.1f} GiB (model, optimizer "
+              "state, activations)" if device.type == "cuda" else "")
     print(f"  the training loop around the DeepSpeed bf16 engine: {1e3 * seconds['loop']:.1f} ms/step, "
-          f"{args.batch / seconds['loop']:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%")
+          f"{args.batch / seconds['loop']:.0f} images/s, {tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}%{memory}")
     engine_time, compiled_time, plain_time, loop_time = seconds.values()
     print(f"  step time / plain torch's: DeepSpeed bf16 {engine_time / plain_time:.2f}, compiled "
           f"{compiled_time / plain_time:.2f}, the training loop {loop_time / plain_time:.2f}")

@@ -212,9 +212,26 @@ CHOICES = {
 }
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file by its path, or by its name in this checkout's configs/ from any directory: ``--config
+    beit_proxy.yaml`` (or ``beit_proxy``) is configs/beit_proxy.yaml."""
+    given = Path(path)
+    names = [given] if given.suffix else [given, given.with_suffix(".yaml")]
+    for candidate in [*names, *(SHIPPED_CONFIGS.parent / name for name in names),
+                      *(SHIPPED_CONFIGS / name for name in names)]:
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml"))) or "none in this installation"
+    raise ConfigError(f"config file not found: {given.resolve()} (nor {given} under {SHIPPED_CONFIGS}); "
+                      f"the shipped configs: {shipped}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The resolved, validated config of a YAML file (with its base chain) plus ``a.b=value`` overrides."""
-    values = read_chain(Path(path), Config) if path else {}
+    values = read_chain(find_config(path), Config) if path else {}
     merged = merge(values, override_tree(list(overrides)))
     config = build(Config, merged, "", f"{path or 'defaults'} + overrides" if overrides else str(path or "defaults"))
     validate(config)

@@ -82,6 +82,18 @@ def test_missing_base_and_missing_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`launchers/slurm.py --config beit_proxy.yaml`, as users type it, from wherever they are."""
+    monkeypatch.chdir(tmp_path)
+    reference = load_config(REPO / "configs/demo_cpu.yaml").to_dict()
+    for name in ("demo_cpu.yaml", "demo_cpu", "configs/demo_cpu.yaml"):
+        assert load_config(name).to_dict() == reference, name
+    write(tmp_path / "demo_cpu.yaml", "base: " + str(REPO / "configs/demo_cpu.yaml") + "\nseed: 7\n")
+    assert load_config("demo_cpu.yaml").seed == 7, "a file in the working directory comes first"
+    with pytest.raises(ConfigError, match="the shipped configs: beit_proxy.yaml, beit_vanilla.yaml, demo_cpu.yaml"):
+        load_config("beit_prox.yaml")
+
+
 def test_base_loop_is_refused(tmp_path):
     write(tmp_path / "a.yaml", "base: b.yaml\n")
     write(tmp_path / "b.yaml", "base: a.yaml\n")
