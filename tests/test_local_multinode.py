@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO, losses, tiny_overrides, train_cli
 
@@ -125,3 +126,18 @@ def test_flags_win_over_the_environment_and_one_node_stays_standalone(monkeypatc
                                                       "10.0.0.1:29400", "--rdzv-id", "run"]
     args = local_launcher.parse_args(["--nnodes", "1", "--config", TINY_CONFIG])
     assert local_launcher.rendezvous(args, "run") == ["--standalone"]
+
+
+def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
+    """One process per GPU: a rank without a GPU of its own is told so before it touches CUDA (this machine has no
+    GPU, so its count is stood in for; the real CUDA call would fail with 'invalid device ordinal')."""
+    from smim_dist.config import ConfigError
+    from smim_dist.engine.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(name, value)
+    message = r"LOCAL_RANK=3, but this node has 2 visible GPU\(s\) \(CUDA_VISIBLE_DEVICES=0,1\): start one process"
+    with pytest.raises(ConfigError, match=message):
+        init_distributed()

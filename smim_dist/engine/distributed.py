@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from smim_dist.config_loading import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,6 +38,12 @@ def init_distributed() -> DistInfo:
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank}, but this node has {visible} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU, at most {visible} on "
+                "this node (launchers/local.py --nproc, launchers/slurm.py --gpus-per-node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
