@@ -95,8 +95,9 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
     logger.info(f"run {cfg.run_dir} ({'resumed from ' + tag if tag else 'new'}): {cfg.model.mode} ViT-{cfg.model.size}"
                 f" {cfg.target.kind} target, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                 f"{dist_info.world_size} x {dist_info.device.type} ranks, ZeRO-{cfg.engine.zero_stage} "
-                f"{cfg.engine.precision}, global batch {cfg.optim.global_batch} = {engine.train_micro_batch_size_per_gpu()} x "
-                f"{engine.gradient_accumulation_steps()} accumulation x {dist_info.world_size}, "
+                f"{cfg.engine.precision}, global batch {cfg.optim.global_batch} = "
+                f"{engine.train_micro_batch_size_per_gpu()} x {engine.gradient_accumulation_steps()} accumulation x "
+                f"{dist_info.world_size}, "
                 f"{sampler.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
     if cfg.engine.zero_stage == 0 and cfg.engine.precision != "fp32":
         logger.info(f"note: ZeRO-0 in {cfg.engine.precision} steps through DeepSpeed's unfused fp16-style optimizer, "

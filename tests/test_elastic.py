@@ -33,8 +33,9 @@ def uninterrupted(tmp_path_factory, demo_data):
     return losses(run), final_weights(run)
 
 
-@pytest.mark.parametrize("stage, micro_batch, legs", [(1, 8, [(2, 6), (1, 1), (2, None)]),
-                                                      (3, 16, [(1, 6), (2, None)])], ids=["zero1-2to1to2", "zero3-1to2"])
+@pytest.mark.parametrize("stage, micro_batch, legs",
+                         [(1, 8, [(2, 6), (1, 1), (2, None)]), (3, 16, [(1, 6), (2, None)])],
+                         ids=["zero1-2to1to2", "zero3-1to2"])
 def test_stopped_run_resumes_on_other_world_sizes(tmp_path, demo_data, uninterrupted, stage, micro_batch, legs):
     """4 steps per epoch: the stops at steps 6 and 7 fall inside epoch 2, so the micro-batches consumed there are
     converted to the new split of global batch 16: ZeRO 1 changes the accumulation (8 x 2 x 1 = 8 x 1 x 2), ZeRO 3,
