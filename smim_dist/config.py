@@ -215,17 +215,17 @@ CHOICES = {
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def find_config(path: str | Path) -> Path:
-    """A config file by its path, or by its name in this checkout's configs/ from any directory: ``--config
-    beit_proxy.yaml`` (or ``beit_proxy``) is configs/beit_proxy.yaml."""
+def find_config(path: str | Path, shipped_folder: Path = SHIPPED_CONFIGS) -> Path:
+    """A config file by its path, or by its name in this checkout's configs/ (``shipped_folder``) from any directory:
+    ``--config beit_proxy.yaml`` (or ``beit_proxy``) is configs/beit_proxy.yaml."""
     given = Path(path)
     names = [given] if given.suffix else [given, given.with_suffix(".yaml")]
     for candidate in [*names, *(SHIPPED_CONFIGS.parent / name for name in names),
-                      *(SHIPPED_CONFIGS / name for name in names)]:
+                      *(shipped_folder / name for name in names)]:
         if candidate.is_file():
             return candidate
-    shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml"))) or "none in this installation"
-    raise ConfigError(f"config file not found: {given.resolve()} (nor {given} under {SHIPPED_CONFIGS}); "
+    shipped = ", ".join(sorted(p.name for p in shipped_folder.glob("*.yaml"))) or "none in this installation"
+    raise ConfigError(f"config file not found: {given.resolve()} (nor {given} under {shipped_folder}); "
                       f"the shipped configs: {shipped}")
 
 

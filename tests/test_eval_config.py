@@ -26,6 +26,16 @@ def test_shipped_configs_parse_and_match_the_defaults_where_the_defaults_are_the
         assert with_file["layer"] == 11 and with_file["query"] == (7, 7)
 
 
+def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    reference = vars(parse_args(["linear", "--checkpoint", "run", "--config", str(REPO / "configs/eval/linear.yaml")]))
+    for name in ("linear.yaml", "linear"):
+        args = vars(parse_args(["linear", "--checkpoint", "run", "--config", name]))
+        assert {**args, "config": None} == {**reference, "config": None}, name
+    assert main(["linear", "--checkpoint", "run", "--config", "lienar.yaml"]) == 2
+    assert "the shipped configs: attention.yaml, finetune.yaml, knn.yaml, linear.yaml" in capsys.readouterr().err
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "eval.yaml"
     path.write_text(text)

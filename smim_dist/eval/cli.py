@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from smim_dist.config import ConfigError
+from smim_dist.config import SHIPPED_CONFIGS, ConfigError, find_config
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.eval.attention import run_attention
 from smim_dist.eval.features import FEATURES
@@ -171,6 +171,7 @@ def _patch(text: str) -> tuple[int, int]:
 def config_arguments(path: Path, protocol: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
     """The command-line tokens a --config file stands for, and its data overrides. Turning the file into tokens
     gives its values argparse's own type and choice checks, and lets the options typed after it win."""
+    path = find_config(path, SHIPPED_CONFIGS / "eval")
     try:
         values = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
