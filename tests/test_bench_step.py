@@ -77,3 +77,13 @@ def test_engine_overhead_bench_counts_each_zero_stage_against_plain_torch():
         "without its contiguous buffers DeepSpeed skips a gradient copy per tensor"
     assert all(float(rows[label][0]) > float(rows["plain torch, bf16"][0]) for label in rows if "ZeRO" in label), \
         "DeepSpeed's bookkeeping runs operators of its own"
+
+
+def test_memory_bench_counts_activations_and_the_residuals_bytes_against_timms():
+    out = run_cli(["bench/memory.py", "--size", "micro", "--img", "32", "--patch", "8", "--batch", "2"],
+                  timeout=300).stdout
+    for mode in ("vanilla", "proxy"):
+        section = out.split(f"\n{mode}: ", 1)[1]
+        assert section.startswith("activations kept for the backward") and " GiB at 256 images" in section
+        ratio = float(section.split("bytes written, this project's / timm's: ", 1)[1].split()[0])
+        assert ratio < 0.97, f"{mode}: folding layer scale and drop path into one multiply writes fewer bytes"
