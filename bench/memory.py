@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import statistics
+import time
 from unittest import mock
 
 import torch
@@ -66,10 +69,29 @@ def saved_activation_bytes(model, images, mask) -> int:
 
 
 def written_bytes(model, images, mask) -> WrittenBytes:
-    model.zero_grad(set_to_none=True)
     with WrittenBytes() as counter:
-        model(images, mask).float().square().mean().backward()
+        step(model, images, mask)
     return counter
+
+
+def step(model, images, mask) -> None:
+    model.zero_grad(set_to_none=True)
+    model(images, mask).float().square().mean().backward()
+
+
+def median_step_ms(model, images, mask, rounds: int) -> dict[str, float]:
+    """Both residuals timed alternately in this process (3 steps a round): the time side of the byte count."""
+    variants = {"ours": contextlib.nullcontext,
+                "timm": lambda: mock.patch.object(_ResidualMlp, "_residual", timm_residual)}
+    times = {name: [] for name in variants}
+    for _ in range(rounds + 1):
+        for name, patched in variants.items():
+            with patched():
+                start = time.perf_counter()
+                for _ in range(3):
+                    step(model, images, mask)
+                times[name].append((time.perf_counter() - start) / 3 * 1e3)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
 def main() -> None:
@@ -82,6 +104,8 @@ def main() -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--drop-path", type=float, default=0.1)
+    parser.add_argument("--time-rounds", type=int, default=0,
+                        help="also time a forward + backward with each residual, alternating, this many rounds")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     images, _, mask = make_batch(args, torch.device("cpu"))
@@ -95,7 +119,7 @@ def main() -> None:
                           drop_path=args.drop_path, layer_scale_init=0.1)
         model = MIMModel(cfg, 108).to(dtype).train()
         saved = saved_activation_bytes(model, images, mask)
-        print(f"{mode}: activations kept for the backward {saved * 2**-20 / args.batch:.1f} MiB/image, "
+        print(f"{mode}: activations kept for the backward {saved / mib:.1f} MiB/image, "
               f"{saved / args.batch * args.scale_to / 2**30:.1f} GiB at {args.scale_to} images")
         counts = {"this project's residuals": written_bytes(model, images, mask)}
         with mock.patch.object(_ResidualMlp, "_residual", timm_residual):
@@ -106,6 +130,11 @@ def main() -> None:
                   f"{counter.calls} calls ({top})")
         ours, theirs = (sum(counter.by_op.values()) for counter in counts.values())
         print(f"  bytes written, this project's / timm's: {ours / theirs:.3f}")
+        if args.time_rounds:
+            ms = median_step_ms(model, images, mask, args.time_rounds)
+            print(f"  forward + backward on this machine: {ms['ours']:.1f} ms with this project's residuals, "
+                  f"{ms['timm']:.1f} ms with timm's, ratio {ms['ours'] / ms['timm']:.3f} "
+                  f"(median of {args.time_rounds})")
 
 
 if __name__ == "__main__":
