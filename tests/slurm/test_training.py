@@ -49,8 +49,15 @@ def wait_for_steps(run_dir, steps: int, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def job_states(cluster, job_id: str) -> list[str]:
-    return [state for jid, state in cluster.sacct(job_id) if jid == job_id]
+def job_states(cluster, job_id: str, settle: float = 30) -> list[str]:
+    """The job's accounting records once they are final: slurmdbd can still say RUNNING a moment after squeue has
+    dropped the job (seen once in CI)."""
+    deadline = time.monotonic() + settle
+    while True:
+        states = [state for jid, state in cluster.sacct(job_id) if jid == job_id]
+        if not {"RUNNING", "PENDING", "COMPLETING"} & set(states) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 def rank0_log(run_dir, job_id: str) -> str:
