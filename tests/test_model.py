@@ -250,3 +250,28 @@ def test_image_blind_loss_is_the_predict_the_mean_level():
     torch.testing.assert_close(blind, mim_loss(target.mean(dim=(0, 1)).expand_as(target), target))
     codes = torch.arange(8).repeat(4, 1)
     assert image_blind_loss(torch.zeros(4, 8, 16), codes) == pytest.approx(math.log(8))
+
+
+@pytest.mark.parametrize("mode", ["proxy", "vanilla"])
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_compiled_training_step_is_one_graph_that_never_recompiles(mode, grad_checkpointing):
+    """``engine.compile`` pays off on a GPU only if the whole forward (and with it the backward) is one graph: a graph
+    break splits the fusion and adds launches, a recompile stalls a step. Two steps with new masks and drop-path
+    draws run through ``fullgraph=True`` with recompiles made errors, and match eager. AOTAutograd traces the backward
+    as inductor would; its code generation is left out (it adds a minute on this CPU and changes no graph)."""
+    eager = make(mode, grad_checkpointing=grad_checkpointing, drop_path=0.3).train()
+    compiled = torch.compile(make(mode, grad_checkpointing=grad_checkpointing, drop_path=0.3).train(),
+                             backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(2):
+            images, mask = torch.randn(4, 3, IMG, IMG), random_mask(batch=4, seed=step)
+            results = []
+            for model in (eager, compiled):
+                torch.manual_seed(step)
+                prediction = model(images, mask)
+                prediction.square().mean().backward()
+                results.append(prediction)
+            torch.testing.assert_close(results[1], results[0])
+    for (name, param), twin in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(twin.grad, param.grad, msg=name)
