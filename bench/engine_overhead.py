@@ -6,10 +6,11 @@
     python bench/engine_overhead.py --torch-autocast --stages 1 2     # DeepSpeed's torch_autocast mode instead
     python bench/engine_overhead.py --stages 1 --show-reads           # where each host read comes from
     python bench/engine_overhead.py --stages 1 2 --compare-contiguous-gradients   # and without DeepSpeed's copies
+    python bench/engine_overhead.py --precision fp32 --stages 0 1     # fp32 weights and compute throughout
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
-(bf16 weights, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused
-AdamW, ZeRO 1/2 clipping inside AdamW), per ZeRO stage. torch.profiler counts the ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the
+(weights in ``--precision``, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config,
+fused AdamW, clipping inside AdamW where ``smim-train`` puts it there), per ZeRO stage. torch.profiler counts the ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the
 host reads (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``). On a GPU a read of a device tensor stalls
 the host until the device is done; on a CPU reads cost nothing, and some (torch's CPU AdamW reading its step count)
 happen only there. Operator counts do not depend on the machine; times do.
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--check-grad-overflow", action="store_true",
                         help="turn DeepSpeed's bf16 per-gradient overflow checks back on (its default)")
     parser.add_argument("--show-reads", action="store_true", help="print where each row's host reads come from")
@@ -91,7 +93,10 @@ def main() -> None:
                         help="DeepSpeed's torch_autocast mode instead (fp32 weights and gradients, bf16 compute, "
                              "DeepSpeed's clipping)")
     args = parser.parse_args()
+    if args.precision != "bf16" and (args.check_grad_overflow or args.torch_autocast):
+        parser.error(f"--check-grad-overflow and --torch-autocast are bf16 modes, not --precision {args.precision}")
     args.mask_ratio = 0.6
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     device = init_distributed().device
     target = PixelTarget(args.patch).to(device)
     images, _, mask = make_batch(args, device)
@@ -100,18 +105,18 @@ def main() -> None:
     torch.manual_seed(0)
     base = MIMModel(model_cfg, target.out_dim)
 
-    plain = copy.deepcopy(base).to(device, torch.bfloat16)
+    plain = copy.deepcopy(base).to(device, dtype)
     optimizer = torch.optim.AdamW(plain.parameters(), fused=True)
 
     def plain_step() -> None:
-        loss = mim_loss(plain(images.to(torch.bfloat16), mask), targets)
+        loss = mim_loss(plain(images.to(dtype), mask), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 3.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     rows = {}
-    label = "plain torch, bf16"
+    label = f"plain torch, {args.precision}"
     rows[label] = count_ops(plain_step, args.steps, device, label if args.show_reads else None)
     variants = [(stage, contiguous) for stage in args.stages
                 for contiguous in ((True, False) if args.compare_contiguous_gradients and stage in (1, 2) else (True,))]
@@ -119,14 +124,14 @@ def main() -> None:
         cfg = Config()
         cfg.model = model_cfg
         cfg.optim.global_batch = cfg.optim.micro_batch = args.batch
-        cfg.engine.precision, cfg.engine.zero_stage = "bf16", stage
+        cfg.engine.precision, cfg.engine.zero_stage = args.precision, stage
         ds_config = deepspeed_config(cfg, 1)
         if args.check_grad_overflow:
             ds_config["bf16"] = {"enabled": True}
         if not contiguous:
             ds_config["zero_optimization"]["contiguous_gradients"] = False
         if args.torch_autocast:
-            del ds_config["bf16"]
+            ds_config.pop("bf16", None)
             ds_config.update(torch_autocast={"enabled": True, "dtype": "bfloat16"}, gradient_clipping=cfg.optim.clip_grad)
             ds_config["zero_optimization"]["compute_grad_norm"] = True
         model = copy.deepcopy(base).to(device)
@@ -134,19 +139,20 @@ def main() -> None:
             param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
         if norm_inside_adamw(cfg) and not args.torch_autocast:
             clip_inside_adamw(engine, cfg.optim.clip_grad)
-        input_dtype = torch.float32 if args.torch_autocast else torch.bfloat16
+        input_dtype = torch.float32 if args.torch_autocast else dtype
 
         def engine_step(engine=engine) -> None:
             loss = mim_loss(engine(images.to(input_dtype), mask), targets)
             engine.backward(loss)
             engine.step()
 
-        mode = "torch_autocast" if args.torch_autocast else "bf16"
+        mode = "torch_autocast" if args.torch_autocast else args.precision
         label = f"DeepSpeed {mode}, ZeRO {stage}" + ("" if contiguous else ", no contiguous gradients")
         rows[label] = count_ops(engine_step, args.steps, device, label if args.show_reads else None)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}; DeepSpeed's bf16 "
-          f"overflow checks {'on' if args.check_grad_overflow else 'off (as smim-train runs)'}")
+    checks = "on" if args.check_grad_overflow else "off (as smim-train runs)"
+    print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}"
+          + (f"; DeepSpeed's bf16 overflow checks {checks}" if args.precision == "bf16" else ""))
     print(f"{'step':58s} {'aten ops':>9s} {'host reads':>11s} {'ms/step':>9s}")
     for label, (ops, reads, ms) in rows.items():
         print(f"{label:58s} {ops:9.0f} {reads:11.0f} {ms:9.1f}")

@@ -181,18 +181,20 @@ def deepspeeds_own_clipping_engine(cfg: Config):
     model = MIMModel(cfg.model, PixelTarget(8).out_dim)
     ds_config = deepspeed_config(cfg, 1)
     ds_config["gradient_clipping"] = cfg.optim.clip_grad
-    ds_config["zero_optimization"]["compute_grad_norm"] = True
+    ds_config["zero_optimization"].pop("compute_grad_norm", None)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
     return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
 
 
-@pytest.mark.parametrize("precision, accumulation", [("fp32", 1), ("fp32", 2), ("bf16", 1)])
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage, precision, accumulation", [
+    *((stage, *case) for stage in (1, 2) for case in (("fp32", 1), ("fp32", 2), ("bf16", 1))),
+    (0, "fp32", 1), (0, "fp32", 2)])
 def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_group, zero_stage, precision, accumulation):
-    """ZeRO 1/2 clip through the fused AdamW's ``grad_scale`` with a norm of their own; the weights must follow
-    DeepSpeed's own clipping of the same gradients, the logged norm must be DeepSpeed's, and the weights must differ
-    from an unclipped run's (the clip is active)."""
+    """ZeRO 0/1/2 clip through the fused AdamW's ``grad_scale`` with a norm of their own; the weights must follow
+    DeepSpeed's own clipping of the same gradients, the logged norm must be DeepSpeed's (under ZeRO 0, where DeepSpeed
+    reports none, the norm of the gradients it clips), and the weights must differ from an unclipped run's (the clip
+    is active)."""
     if precision == "bf16" and not get_accelerator().is_bf16_supported():
         pytest.skip("DeepSpeed's accelerator here has no bf16")
     weights, norms = {}, {}
@@ -208,8 +210,12 @@ def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_grou
         for step in range(3):
             for micro_step in range(accumulation):
                 engine.backward(micro_loss(engine, PixelTarget(8), seed=step * accumulation + micro_step))
+                if label == "DeepSpeed" and zero_stage == 0 and micro_step == accumulation - 1:
+                    grads = [param.grad for param in engine.module.parameters() if param.grad is not None]
+                    unreported = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads]))
                 engine.step()
-            norms[label].append(float(engine.get_global_grad_norm()))
+            norm = unreported if label == "DeepSpeed" and zero_stage == 0 else engine.get_global_grad_norm()
+            norms[label].append(float(norm))
         weights[label] = {name: value.detach().float().clone() for name, value in engine.module.state_dict().items()}
     torch.testing.assert_close(norms["inside AdamW"][0], norms["DeepSpeed"][0], rtol=1e-5, atol=0)
     later = 1e-5 if precision == "fp32" else 1e-3  # after a step, bf16 weights may round the other way
@@ -249,9 +255,11 @@ def test_a_bf16_step_reads_the_device_only_inside_the_cpu_adamw_kernel(process_g
 
 
 @pytest.mark.parametrize("zero_stage, precision, deepspeed_clips", [
-    (0, "bf16", True), (1, "bf16", False), (2, "fp32", False), (3, "bf16", True), (1, "fp16", True)])
-def test_only_zero_1_2_without_loss_scaling_leave_clipping_to_adamw(zero_stage, precision, deepspeed_clips):
-    """fp16's loss scaling and ZeRO 0/3 keep DeepSpeed's own clipping; nowhere is the clip dropped."""
+    (0, "bf16", True), (0, "fp32", False), (1, "bf16", False), (2, "fp32", False), (3, "bf16", True),
+    (1, "fp16", True)])
+def test_only_plain_adamw_steps_leave_clipping_to_adamw(zero_stage, precision, deepspeed_clips):
+    """fp16's loss scaling, ZeRO 0's bf16 wrapper and ZeRO 3 keep DeepSpeed's own clipping; nowhere is the clip
+    dropped."""
     cfg = micro_config(precision, zero_stage)
     assert cfg.optim.clip_grad > 0
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == (cfg.optim.clip_grad if deepspeed_clips else 0.0)

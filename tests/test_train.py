@@ -19,8 +19,8 @@ def snapshot(directory):
 
 
 def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
-    """Losses match; so do the gradient norms of DeepSpeed's ZeRO 3 and of AdamW's hook under ZeRO 2, which sums
-    both ranks' partitions."""
+    """Losses match; so do the gradient norms of DeepSpeed's ZeRO 3 and of AdamW's hook, which under ZeRO 2 sums both
+    ranks' partitions and under ZeRO 0 (one process or two) takes the already averaged gradients as they are."""
     base = tiny_overrides(tmp_path, demo_data)
     train_cli(1, TINY_CONFIG, [*base, "run_name=single", "engine.zero_stage=0"])
     reference = losses(tmp_path / "single")
@@ -33,8 +33,10 @@ def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
         assert got.keys() == reference.keys()
         for step, loss in reference.items():
             assert got[step] == pytest.approx(loss, rel=2e-4), f"ZeRO-{stage} step {step}"
+    single_norms = losses(tmp_path / "single", "grad_norm")
     for step, norm in norms[3].items():
-        assert norms[2][step] == pytest.approx(norm, rel=1e-3), f"step {step}"
+        for label, got in (("ZeRO-2", norms[2]), ("ZeRO-0", norms[0]), ("one process", single_norms)):
+            assert got[step] == pytest.approx(norm, rel=1e-3), f"{label}, step {step}"
 
 
 def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):

@@ -48,11 +48,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": optim.micro_batch_size(world_size),
         "gradient_accumulation_steps": optim.accumulation_steps(world_size),
         "gradient_clipping": 0.0 if norm_in_adamw else optim.clip_grad,
-        "zero_optimization": {"stage": engine.zero_stage, "compute_grad_norm": not norm_in_adamw},
+        "zero_optimization": {"stage": engine.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if engine.zero_stage in (1, 2):
+        ds["zero_optimization"]["compute_grad_norm"] = not norm_in_adamw
     if engine.precision == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif engine.precision == "fp16":
@@ -84,14 +86,17 @@ def fused_adamw(engine) -> torch.optim.AdamW:
 
 
 def norm_inside_adamw(cfg: Config) -> bool:
-    """ZeRO 1/2 in fp32 or bf16 take the gradient norm (and clip, when ``optim.clip_grad`` is on) in AdamW's pre-step
-    hook, with or without clipping, so the logged norm costs no sync either; fp16 keeps DeepSpeed's clipping, which its
-    loss scaling needs anyway."""
-    return cfg.engine.zero_stage in (1, 2) and cfg.engine.precision != "fp16"
+    """ZeRO 1/2 in fp32 or bf16, and ZeRO 0 in fp32 (where DeepSpeed steps AdamW itself), take the gradient norm (and
+    clip, when ``optim.clip_grad`` is on) in AdamW's pre-step hook, with or without clipping, so the logged norm costs
+    no sync either (DeepSpeed's ZeRO 0 clipping does not report its norm at all). fp16 keeps DeepSpeed's clipping,
+    which its loss scaling needs anyway; ZeRO 0 in bf16 steps through DeepSpeed's unfused mixed-precision wrapper,
+    which clips on its own; ZeRO 3 gathers its norm over partitioned parameters itself."""
+    stage, precision = cfg.engine.zero_stage, cfg.engine.precision
+    return (stage in (1, 2) and precision != "fp16") or (stage == 0 and precision == "fp32")
 
 
 def clip_inside_adamw(engine, max_norm: float) -> None:
-    """ZeRO 1/2 clipping without a host sync and without per-tensor kernels. DeepSpeed's own clipping norms each
+    """ZeRO 0/1/2 clipping without a host sync and without per-tensor kernels. DeepSpeed's own clipping norms each
     gradient tensor separately and then syncs twice a step (its invalid-norm check reads the norm; its NaN masking
     fills from a 0-dim device tensor, which CUDA reads back). So DeepSpeed's config turns its norm off
     (``compute_grad_norm: false``), and a pre-step hook on the fused AdamW computes the global norm on the device:
@@ -101,24 +106,30 @@ def clip_inside_adamw(engine, max_norm: float) -> None:
     non-finite guard skips one. The norm is also left where DeepSpeed's ``get_global_grad_norm`` reports it.
     ``max_norm`` 0 computes and reports the norm without clipping.
 
-    DeepSpeed steps the param groups one at a time; when the first one steps, its gradient is the flat fp32 partition
+    ZeRO 1/2 step the param groups one at a time; when the first one steps, its gradient is the flat fp32 partition
     AdamW sees and the others still wait in ``averaged_gradients`` (private, as is ``_global_grad_norm``:
     tests/test_deepspeed_setup.py fails if an upgrade moves either). ZeRO partitions are disjoint and cover the model
-    in the data-parallel group, which is the whole world in ``smim-train``."""
-    zero_optimizer, adamw = engine.optimizer, fused_adamw(engine)
+    in the data-parallel group, which is the whole world in ``smim-train``. Under ZeRO 0 AdamW steps every group at
+    once on gradients DeepSpeed has already averaged over the ranks, so the norm needs no all-reduce; the engine
+    reports it from the optimizer's ``_global_grad_norm``."""
+    adamw = fused_adamw(engine)
+    sharded = engine.optimizer is not adamw
+    norm_holder = engine.optimizer
     first_partition = adamw.param_groups[0]["params"][0]
 
     def global_grad_norm(optimizer) -> torch.Tensor:
         stepping = [param.grad for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
-        waiting = [grad for grads in zero_optimizer.averaged_gradients.values() if grads is not None for grad in grads]
+        waiting = [grad for grads in norm_holder.averaged_gradients.values() if grads is not None for grad in grads] \
+            if sharded else []
         squares = torch.stack(torch._foreach_norm(stepping + waiting, 2, dtype=torch.float32)).square().sum()
-        dist.all_reduce(squares)
+        if sharded:
+            dist.all_reduce(squares)
         return squares.sqrt()
 
     def before_update(optimizer, args, kwargs) -> None:
         if optimizer.param_groups[0]["params"][0] is first_partition:
-            zero_optimizer._global_grad_norm = global_grad_norm(optimizer)
-        norm = zero_optimizer._global_grad_norm
+            norm_holder._global_grad_norm = global_grad_norm(optimizer)
+        norm = norm_holder._global_grad_norm
         invalid = (~torch.isfinite(norm)).float()
         if max_norm > 0:
             optimizer.grad_scale = torch.where(invalid > 0, 1.0, ((norm + 1e-6) / max_norm).clamp(min=1.0))
