@@ -147,6 +147,10 @@ class LogConfig:
     wandb_project: str = "smim_dist"
     wandb_entity: str | None = None
     wandb_group: str | None = None
+    profile_steps: int = 0
+    """trace this many optimizer steps with torch.profiler on every rank, into <run>/profile/ (0: off)"""
+    profile_from_step: int = 20
+    """the first traced step, numbered from 1 as the log numbers steps: past compilation and the loader's warm-up"""
 
 
 @dataclass
@@ -306,6 +310,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)} must be at least 1")
+    if cfg.log.profile_steps < 0 or cfg.log.profile_from_step < 1:
+        raise ConfigError(f"log.profile_steps={cfg.log.profile_steps}, log.profile_from_step="
+                          f"{cfg.log.profile_from_step}: trace profile_steps >= 0 steps (0: none) from a step >= 1")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage}; DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if not cfg.data.demo:

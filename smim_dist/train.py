@@ -91,7 +91,7 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
     logger = RunLogger(cfg, dist_info.is_main, sampler.steps_per_epoch * cfg.optim.epochs, state.step)
     for line in skipped:
         logger.info(line)
-    runner = EpochRunner(cfg, engine, target, dist_info.device, logger, sampler.steps_per_epoch)
+    runner = EpochRunner(cfg, engine, target, dist_info.device, logger, sampler.steps_per_epoch, dist_info.rank)
     logger.info(f"run {cfg.run_dir} ({'resumed from ' + tag if tag else 'new'}): {cfg.model.mode} ViT-{cfg.model.size}"
                 f" {cfg.target.kind} target, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                 f"{dist_info.world_size} x {dist_info.device.type} ranks, ZeRO-{cfg.engine.zero_stage} "
@@ -116,6 +116,7 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_s
                 logger.info(f"stopped at step {state.step} on request; the same command resumes the run")
                 break
     finally:
+        runner.log_trace(runner.profiler.close(state.step))
         logger.close()
     return state
 

@@ -56,6 +56,8 @@ def test_base_chain_and_overrides(tmp_path):
     ("", ["model.num_proxy=0"], "model.num_proxy=0"),
     ("", ["optim.micro_batch=0"], "optim.micro_batch=0: both must be at least 1"),
     ("", ["engine.zero_stage=4"], "engine.zero_stage=4"),
+    ("", ["log.profile_steps=-1"], "log.profile_steps=-1, log.profile_from_step=20"),
+    ("", ["log.profile_steps=5", "log.profile_from_step=0"], "log.profile_from_step=0: trace"),
     ("", ["target.kind=beit"], "target.tokenizer_path"),
     ("", ["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
     ("", ["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),

@@ -1,5 +1,7 @@
 """The real ``smim-train`` CLI: single process, DeepSpeed ZeRO on 2 gloo processes, the NaN guard, bad input."""
 
+import collections
+import gzip
 import json
 
 import pytest
@@ -9,6 +11,7 @@ from deepspeed.accelerator import get_accelerator
 from conftest import losses, run_cli, tiny_overrides, train_cli
 from smim_dist.config import load_config
 from smim_dist.models.flops import forward_flops
+from smim_dist.models.sizes import vit_size
 from smim_dist.targets.build import build_target
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
@@ -184,6 +187,25 @@ def test_compiled_model_trains_like_eager(tmp_path, demo_data):
         train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1",
                                                  f"engine.compile={flag}"))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_profiled_steps_leave_a_trace_on_every_rank_and_train_the_same(tmp_path, demo_data):
+    """Steps 3-6 of 8 (across the epoch boundary) traced on 2 ranks: each rank's trace holds those steps and the
+    model's operators, and the losses are an unprofiled run's."""
+    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=plain"))
+    run = train_cli(2, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=profiled", "log.profile_steps=4",
+                                                   "log.profile_from_step=3"))
+    assert losses(tmp_path / "profiled") == pytest.approx(losses(tmp_path / "plain"), rel=2e-4)
+    profile = tmp_path / "profiled" / "profile"
+    assert f"profile: rank 0's trace {profile / 'rank00000_steps3-6.json.gz'}" in run.stderr
+    for rank in (0, 1):
+        trace = json.loads(gzip.decompress((profile / f"rank{rank:05d}_steps3-6.json.gz").read_bytes()))
+        names = collections.Counter(event.get("name") for event in trace["traceEvents"])
+        assert [name for name in names if name.startswith("step ")] == ["step 3", "step 4", "step 5", "step 6"]
+        attentions = 4 * 2 * vit_size("micro").depth  # 4 steps of one micro-batch, each block and its twin
+        assert names["aten::_scaled_dot_product_flash_attention_for_cpu"] == attentions
+        table = (profile / f"rank{rank:05d}_steps3-6.txt").read_text()
+        assert "Self CPU" in table and "aten::mm" in table
 
 
 def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):

@@ -16,6 +16,7 @@ from smim_dist.engine.deepspeed_setup import set_lr
 from smim_dist.engine.device_peak import device_peak_tflops
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 from smim_dist.engine.schedule import cosine_lr
+from smim_dist.engine.step_profiler import StepProfiler
 from smim_dist.logging import RunLogger
 from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
 from smim_dist.models.flops import forward_flops
@@ -51,9 +52,11 @@ class EpochRunner:
     """Holds what every epoch reuses; ``run_epoch`` is the training loop itself."""
 
     def __init__(self, cfg: Config, engine, target: MIMTarget, device: torch.device, logger: RunLogger,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, rank: int = 0):
         self.cfg, self.engine, self.target, self.logger = cfg, engine, target, logger
         self.device = device
+        self.profiler = StepProfiler(cfg.log.profile_from_step, cfg.log.profile_steps, cfg.run_dir / "profile", rank,
+                                     device)
         self.normalize = DeviceNormalizer(device, tokenizer_view=target.needs_tokenizer_view)
         self.accumulation = engine.gradient_accumulation_steps()
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() \
@@ -82,10 +85,11 @@ class EpochRunner:
         for raw in loader:
             data_wait += time.perf_counter() - fetch_start
             corrupt += raw["corrupt_skipped"]
-            batch = self.normalize(raw)
-            targets = gather_masked(self.target(batch.images, batch.tokenizer_views), batch.mask.masked)
             if state.batch_in_epoch % self.accumulation == 0:
                 set_lr(engine, self.lr_at(state.step))
+                self.profiler.step_starting(state.step + 1)
+            batch = self.normalize(raw)
+            targets = gather_masked(self.target(batch.images, batch.tokenizer_views), batch.mask.masked)
             prediction = engine(batch.images.to(self.dtype), batch.mask)
             loss = mim_loss(prediction, targets)
             finite = guard.observe(loss)
@@ -100,6 +104,7 @@ class EpochRunner:
             if window_done:
                 guard.record_step()
                 state.step += 1
+                self.log_trace(self.profiler.step_done(state.step))
                 window_steps += 1
                 self.logger.advance(1)
                 stop_seen = stop_seen or stop_requested()
@@ -117,6 +122,11 @@ class EpochRunner:
         state.epoch += 1
         state.batch_in_epoch = 0
         return "stop" if self._agree_to_stop(state, guard, corrupt, stop_seen) else "done"
+
+    def log_trace(self, trace: str | None) -> None:
+        if trace is not None:
+            self.logger.info(f"profile: rank 0's trace {trace} (Perfetto or chrome://tracing), its operators by self "
+                             "time in the .txt beside it; every rank wrote its own")
 
     def _agree_to_stop(self, state: TrainState, guard: NonFiniteGuard, corrupt: torch.Tensor, stop_seen: bool) -> bool:
         """The loop's one host read between log steps: brings the device counters into ``state`` and decides, the
