@@ -51,6 +51,19 @@ def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
     assert all(r["loss"] == r["loss"] for r in records), "no NaN reached the logged loss"
 
 
+def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
+    """Rank 1's loader sleeps before each batch; rank 0 then waits in the collectives, not for data, so only the
+    gathered per-rank figures can show which loader holds the run back."""
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=slow", "log.every_steps=2")
+    run = train_with_faults(2, ["--slow-loader-rank", "1", "--loader-delay", "0.3"], overrides)
+    records = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    assert all(record["data_wait_max_rank"] == 1 and record["peak_mem_mb"] > 0 for record in records)
+    for record in records[1:]:  # the first window holds every rank's loader start-up too
+        assert record["data_wait_frac_max"] > 0.7 and record["data_wait_frac"] < 0.6, record
+    assert "on rank 1)" in run.stderr
+
+
 def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=diverge", "engine.max_bad_steps=3",
                                "checkpoint.every_epochs=1")

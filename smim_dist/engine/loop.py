@@ -153,6 +153,7 @@ class EpochRunner:
         totals = torch.cat([sums, torch.tensor([state.corrupt_images], dtype=torch.float32, device=self.device)])
         dist.all_reduce(totals)
         loss_sum, blind_sum, finite, corrupt = totals.tolist()
+        waits, memories = self._per_rank(data_wait / elapsed)
         grad_norm = self.engine.get_global_grad_norm()
         images_per_s = steps * self.cfg.optim.global_batch / elapsed
         tflops = self.flops_per_image * images_per_s / dist.get_world_size() / 1e12
@@ -166,8 +167,10 @@ class EpochRunner:
             "model_tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "step_time_s": elapsed / steps,
-            "data_wait_frac": data_wait / elapsed,
-            "peak_mem_mb": _peak_memory_mb(self.device),
+            "data_wait_frac": sum(waits) / len(waits),
+            "data_wait_frac_max": max(waits),
+            "data_wait_max_rank": waits.index(max(waits)),
+            "peak_mem_mb": max(memories),
             "skipped_steps": state.skipped,
             "corrupt_images": int(corrupt),
         }
@@ -178,4 +181,16 @@ class EpochRunner:
         self.logger.info(f"step {state.step}/{self.total_steps} ep {metrics['epoch']:.2f} {losses} "
                          f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s "
                          + ("" if metrics["mfu"] is None else f"MFU {100 * metrics['mfu']:.1f}% ")
-                         + f"data-wait {100 * metrics['data_wait_frac']:.0f}%")
+                         + f"data-wait {100 * metrics['data_wait_frac']:.0f}%"
+                         + (f" (max {100 * max(waits):.0f}% on rank {metrics['data_wait_max_rank']})"
+                            if len(waits) > 1 else ""))
+
+    def _per_rank(self, data_wait_frac: float) -> tuple[list[float], list[float]]:
+        """Every rank's share of time waiting for its loader, and its peak memory. The ranks wait for each other in
+        every step's collectives, so one slow loader (a node's slow disk or busy cores) slows them all while only its
+        own rank waits for data, and one rank's peak memory decides an OOM: rank 0's own figures would hide both."""
+        mine = torch.tensor([data_wait_frac, _peak_memory_mb(self.device)], device=self.device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        waits, memories = torch.stack(every).T.tolist()
+        return waits, memories

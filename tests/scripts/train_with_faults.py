@@ -1,7 +1,8 @@
-"""``smim-train`` with injected faults: a target that turns non-finite on chosen calls of chosen ranks, and a stop
-request after a number of optimizer steps, as a preemption signal would make.
+"""``smim-train`` with injected faults: a target that turns non-finite on chosen calls of chosen ranks, a stop
+request after a number of optimizer steps, as a preemption signal would make, and a slow loader on one rank.
 
-    python tests/scripts/train_with_faults.py [--nan-calls 4,5] [--nan-ranks 0] [--stop-after 6] --config ... overrides
+    python tests/scripts/train_with_faults.py [--nan-calls 4,5] [--nan-ranks 0] [--stop-after 6] \
+        [--slow-loader-rank 1 --loader-delay 0.2] --config ... overrides
 
 ``--nan-calls`` may end in "+" ("5+") to poison every call from there on.
 """
@@ -10,6 +11,7 @@ import argparse
 import itertools
 import os
 import sys
+import time
 
 from smim_dist import train
 from smim_dist.targets.build import build_target
@@ -18,11 +20,14 @@ parser = argparse.ArgumentParser(allow_abbrev=False)
 parser.add_argument("--nan-calls", default="", help="comma list of target calls (0-based) to poison")
 parser.add_argument("--nan-ranks", default="0", help="comma list of ranks whose target is poisoned")
 parser.add_argument("--stop-after", type=int, help="request a stop after this many optimizer steps")
+parser.add_argument("--slow-loader-rank", type=int, help="the rank whose loader sleeps before every batch")
+parser.add_argument("--loader-delay", type=float, default=0.0, help="seconds that loader sleeps per batch")
 faults, cli_args = parser.parse_known_args()
 ranks = {int(r) for r in faults.nan_ranks.split(",")}
 open_ended = faults.nan_calls.endswith("+")
 poisoned_calls = {int(c) for c in faults.nan_calls.rstrip("+").split(",") if c}
 real_train = train.train
+real_build_loader = train.build_pretrain_loader
 
 
 def poisoned_target(cfg):
@@ -46,7 +51,23 @@ def train_until_stop(cfg, dist_info, stop_requested, *args, **kwargs):
     return real_train(cfg, dist_info, lambda: next(steps) >= faults.stop_after, *args, **kwargs)
 
 
+class SlowLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(faults.loader_delay)
+            yield batch
+
+
+def slowed_loader(cfg, rank, *args):
+    loader, sampler = real_build_loader(cfg, rank, *args)
+    return (SlowLoader(loader) if rank == faults.slow_loader_rank else loader), sampler
+
+
 train.build_target = poisoned_target
+train.build_pretrain_loader = slowed_loader
 if faults.stop_after is not None:
     train.train = train_until_stop
 sys.exit(train.main(cli_args))
