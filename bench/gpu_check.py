@@ -13,7 +13,8 @@
    whole training loop
    (``EpochRunner.run_epoch`` on uint8 loader batches: normalisation, targets, the non-finite guard, metrics, a host
    read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine,
-   and every host synchronisation in its steps by source line (``torch.cuda.set_sync_debug_mode``).
+   and every host synchronisation in its steps by source line (``torch.cuda.set_sync_debug_mode``), and the top
+   operators of a few of its steps by self device time, from the loop's own profiler (``log.profile_steps``).
 3. The DALL-E tokenizer (BEiT's target: 52 GFLOP per 112-px view, as much as the ViT-B/16 training step's 53) is
    timed in float32, as the target runs it by default (float16 convolutions, as OpenAI's original) and in
    channels-last layout, with the share of codes each agrees on (random weights: a numerical-sensitivity figure only).
@@ -38,6 +39,7 @@ from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import build_engine, set_lr
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import TrainState
+from smim_dist.engine.step_profiler import StepProfiler
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.models.flops import forward_flops
 from smim_dist.models.mim import MIMModel
@@ -136,7 +138,7 @@ def time_engine(args, dist_info, target, peak: float) -> bool:
 
 def time_loop(args, dist_info) -> tuple[float, bool]:
     """Seconds per step of ``EpochRunner.run_epoch``, the fastest of 3 rounds of ``args.steps`` steps, and whether
-    listing its host syncs worked."""
+    listing its host syncs and profiling it worked."""
     loop_args = argparse.Namespace(size=args.size, mode="proxy", img=args.img, patch=args.patch, target="maskfeat",
                                    mask_ratio=args.mask_ratio, batch=args.batch, precision="bf16")
     with tempfile.TemporaryDirectory() as out_dir:
@@ -147,8 +149,19 @@ def time_loop(args, dist_info) -> tuple[float, bool]:
         runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
         elapsed, _ = time_steps(runner, batch, args.steps, rounds=3)
         syncs_listed = run_part(lambda: report_syncs(runner, batch, args.steps))
+        profiled = run_part(lambda: report_profile(runner, batch, Path(out_dir) / "profile"))
         runner.logger.close()
-    return elapsed / args.steps, syncs_listed
+    return elapsed / args.steps, syncs_listed and profiled
+
+
+def report_profile(runner, batch: dict, out_dir: Path, steps: int = 3) -> None:
+    """The loop's own profiler, as ``log.profile_steps`` runs it in a training run, over a few steps: the head of the
+    operator table it writes beside its trace."""
+    runner.profiler = StepProfiler(1, steps, out_dir, 0, runner.device)
+    runner.run_epoch([batch] * steps, TrainState(), lambda: False)
+    table = next(out_dir.glob("*.txt")).read_text().splitlines()
+    print(f"  the training loop's own profile of {steps} steps (log.profile_steps), top operators by self time:")
+    print("\n".join("    " + line for line in table[:17]))
 
 
 def report_syncs(runner, batch: dict, steps: int) -> None:
