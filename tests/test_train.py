@@ -221,6 +221,14 @@ def test_profiled_steps_leave_a_trace_on_every_rank_and_train_the_same(tmp_path,
         assert "Self CPU" in table and "aten::mm" in table
 
 
+def test_a_profile_window_cut_by_a_stop_is_written_and_the_resumed_run_traces_the_rest(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=cut", "log.profile_steps=4", "log.profile_from_step=3")
+    train_with_faults(1, ["--stop-after", "4"], overrides)
+    train_cli(1, TINY_CONFIG, overrides)
+    traces = sorted(path.name for path in (tmp_path / "cut" / "profile").glob("*.json.gz"))
+    assert traces == ["rank00000_steps3-4.json.gz", "rank00000_steps5-6.json.gz"]
+
+
 def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=prune", "optim.epochs=3", "checkpoint.every_epochs=1",
                                "checkpoint.keep_last=1", "checkpoint.keep_every_epochs=2", "log.every_steps=4")
