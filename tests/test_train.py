@@ -91,8 +91,8 @@ def test_demo_config_end_to_end(tmp_path, demo_data):
     run = tmp_path / "demo_cpu"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
-    for key in ("loss", "image_blind_loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "step_time_s", "peak_mem_mb",
-                "skipped_steps", "epoch", "model_tflops_per_device"):
+    for key in ("loss", "image_blind_loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "data_wait_frac_max",
+                "data_wait_max_rank", "step_time_s", "peak_mem_mb", "skipped_steps", "epoch", "model_tflops_per_device"):
         assert all(r[key] is not None for r in records), key
     cfg = load_config(str(run / "config.yaml"))
     flops_per_image = 3 * forward_flops(cfg.model, cfg.mask.ratio, True, build_target(cfg).out_dim)
