@@ -2,6 +2,7 @@
 ImageFolder DataLoader, this project's image-file loader, and webdataset shards.
 
     python bench/loader.py --images 512 --workers 2
+    python bench/loader.py --op-times     # microseconds per sample of each FFCV decoder step, one thread
 
 Every row runs the same augmentation (random resized crop to 224, flip, colour jitter 0.4) and masking on the same
 ImageNet-like JPEGs (375-500 px crops of scikit-image's photographs) with the same number of workers (DataLoader
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
 import webdataset
+from ffcv.libffcv import resize_crop
 from PIL import Image
 from skimage import data as photos
 from torch.utils.data import DataLoader
@@ -29,6 +32,7 @@ from torchvision.datasets import ImageFolder
 
 from smim_dist.config import Config, load_config
 from smim_dist.data.convert import convert_imagefolder
+from smim_dist.data.ffcv_ops import flip_in_place, jitter_in_place
 from smim_dist.data.pretrain_loader import build_pretrain_loader
 from smim_dist.masking import build_mask_generator
 from smim_dist.models.sizes import image_grid
@@ -109,12 +113,46 @@ FFCV_SETTINGS = {
 }
 
 
+def time_decoder_ops(calls: int = 2000) -> None:
+    """Microseconds per 224 px sample of each step of FFCV's pre-training decoder on one photograph, with the
+    image-file loader's colour jitter (torchvision's uint8 functions, which the decoder's reproduces) beside it; one
+    thread, median of 5 rounds."""
+    torch.set_num_threads(1)
+    source = np.ascontiguousarray(getattr(photos, PHOTOS[0])()[:320, :320])
+    crop = np.empty((224, 224, 3), dtype=np.uint8)
+    resize_crop(source, 20, 300, 30, 310, crop)
+    tensor = torch.from_numpy(crop.copy()).permute(2, 0, 1).contiguous()
+    brightness, contrast, saturation = 1.2, 0.8, 1.3
+    ops = {
+        "crop 280x280 -> 224 (FFCV's resize_crop, OpenCV area)": lambda: resize_crop(source, 20, 300, 30, 310, crop),
+        "horizontal flip": lambda: flip_in_place(crop),
+        "colour jitter, FFCV decoder (on a copy)": lambda: jitter_in_place(crop.copy(), brightness, contrast,
+                                                                         saturation),
+        "colour jitter, torchvision uint8 (image-file loader)": lambda: TF.adjust_saturation(
+            TF.adjust_contrast(TF.adjust_brightness(tensor, brightness), contrast), saturation),
+    }
+    print(f"FFCV decoder steps, one 224 px sample, 1 thread, on {platform.machine()}:")
+    for name, op in ops.items():
+        op()
+        rounds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls // 5):
+                op()
+            rounds.append((time.perf_counter() - start) / (calls // 5))
+        print(f"  {name:56s} {1e6 * sorted(rounds)[2]:7.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--op-times", action="store_true", help="time the FFCV decoder's steps instead")
     args = parser.parse_args()
+    if args.op_times:
+        time_decoder_ops()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = make_jpegs(root / "folder", args.images)

@@ -88,3 +88,11 @@ def test_memory_bench_counts_activations_and_the_residuals_bytes_against_timms()
         assert section.startswith("activations kept for the backward") and " GiB at 256 images" in section
         ratio = float(section.split("bytes written, this project's / timm's: ", 1)[1].split()[0])
         assert ratio < 0.97, f"{mode}: folding layer scale and drop path into one multiply writes fewer bytes"
+
+
+def test_loader_bench_times_each_ffcv_decoder_step():
+    out = run_cli(["bench/loader.py", "--op-times"], timeout=300).stdout
+    times = {line.rsplit(maxsplit=2)[0].strip(): float(line.split()[-2]) for line in out.splitlines()
+             if line.endswith(" us")}
+    assert len(times) == 4 and all(value > 0 for value in times.values()), out
+    assert "colour jitter, torchvision uint8 (image-file loader)" in times
