@@ -118,7 +118,7 @@ def time_decoder_ops(calls: int = 2000) -> None:
     image-file loader's colour jitter (torchvision's uint8 functions, which the decoder's reproduces) beside it; one
     thread, median of 5 rounds."""
     torch.set_num_threads(1)
-    source = np.ascontiguousarray(getattr(photos, PHOTOS[0])()[:320, :320])
+    source = np.ascontiguousarray(photos.astronaut()[:320, :320])
     crop = np.empty((224, 224, 3), dtype=np.uint8)
     resize_crop(source, 20, 300, 30, 310, crop)
     tensor = torch.from_numpy(crop.copy()).permute(2, 0, 1).contiguous()
