@@ -136,6 +136,16 @@ class EngineConfig:
     steps read too); the steps in between never wait for the GPU"""
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine"""
+    tf32: bool = True
+    """on NVIDIA GPUs, compute float32 matrix products and convolutions on the TF32 tensor cores (float32 range and
+    accumulation, 10-bit mantissa inputs; 7x plain float32's datasheet rate on an H100). It reaches fp32 runs and the
+    float32 parts of bf16 runs (targets, tokenizer output layer). false: IEEE float32 throughout. May change on
+    resume"""
+
+    @property
+    def matmul_precision(self) -> str:
+        """The precision the model's matrix products run at, which names the datasheet peak behind the logged MFU."""
+        return "tf32" if self.precision == "fp32" and self.tf32 else self.precision
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
 from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag, prune_checkpoints, save_checkpoint
-from smim_dist.engine.deepspeed_setup import build_engine, check_precision
+from smim_dist.engine.deepspeed_setup import build_engine, check_precision, set_fp32_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.elastic import resume
 from smim_dist.engine.loop import EpochRunner, TrainState
@@ -71,6 +71,8 @@ def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainStat
 def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_slurm: dict | None = None) -> TrainState:
     """Build everything for this rank and train until the configured epochs are done or a stop is requested.
     ``eval_slurm``: submitit parameters for evaluation jobs under SLURM; without them they are local processes."""
+    check_precision(cfg.engine.precision, dist_info.device)
+    set_fp32_precision(cfg.engine.tf32)
     resuming = check_run_dir(cfg)
     if dist_info.is_main and cfg.data.demo:
         prepare_demo_data(cfg)
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_wandb_credentials(cfg)
         dist_info = init_distributed()
-        check_precision(cfg.engine.precision, dist_info.device)
         state = train(cfg, dist_info, stop)
     except ConfigError as err:
         print(f"smim-train: config error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from smim_dist.config import Config, ConfigError, config_from_dict, load_config, save_config
+from smim_dist.engine.run_dir import config_changes
 from smim_dist.engine.schedule import cosine_lr
 
 from conftest import REPO
@@ -112,6 +113,18 @@ def test_saved_config_round_trips_with_its_hash(tmp_path):
     assert again == cfg and again.hash() == cfg.hash()
     assert load_config(REPO / "configs/demo_cpu.yaml").hash() != cfg.hash()
     assert Config().hash() == Config().hash()
+
+
+def test_a_run_saved_before_engine_tf32_existed_resumes_and_may_toggle_it():
+    """TF32 changes roundings, not the recipe: an older run (no ``engine.tf32`` in its saved config) resumes under any
+    setting of it, while a real change is still named."""
+    saved = Config().to_dict()
+    del saved["engine"]["tf32"]
+    assert config_changes(saved, Config().to_dict()) == []
+    toggled = load_config(None, ["engine.tf32=false"]).to_dict()
+    assert config_changes(Config().to_dict(), toggled) == []
+    assert config_changes(saved, load_config(None, ["engine.precision=fp32"]).to_dict()) == [
+        "engine.precision: 'bf16' -> 'fp32'"]
 
 
 def test_micro_batch_is_the_largest_split_under_the_cap():

@@ -13,7 +13,7 @@ from deepspeed.runtime.zero import stage_1_and_2
 
 from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import (build_engine, deepspeed_config, fused_adamw, norm_inside_adamw,
-                                               param_groups)
+                                               param_groups, set_fp32_precision)
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard
@@ -264,3 +264,15 @@ def test_only_plain_adamw_steps_leave_clipping_to_adamw(zero_stage, precision, d
     assert cfg.optim.clip_grad > 0
     assert deepspeed_config(cfg, 1)["gradient_clipping"] == (cfg.optim.clip_grad if deepspeed_clips else 0.0)
     assert norm_inside_adamw(cfg) is not deepspeed_clips
+
+
+@pytest.mark.parametrize("tf32, mode", [(True, "tf32"), (False, "ieee")])
+def test_engine_tf32_sets_cuda_matmuls_and_convolutions_and_leaves_the_cpu_alone(tf32, mode):
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul)
+    before = [flag.fp32_precision for flag in flags]
+    try:
+        set_fp32_precision(tf32)
+        assert [flag.fp32_precision for flag in flags] == [mode, mode, before[2]]
+    finally:
+        for flag, value in zip(flags, before):
+            flag.fp32_precision = value

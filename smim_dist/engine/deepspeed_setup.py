@@ -26,6 +26,14 @@ def check_precision(precision: str, device: torch.device) -> None:
                           f"({accelerator.device_name()}); supported here: {', '.join(supported)}")
 
 
+def set_fp32_precision(tf32: bool) -> None:
+    """torch computes float32 matrix products in IEEE float32 by default, and convolutions in TF32; ``engine.tf32``
+    sets both, for this process. CPUs are left alone: their reduced-precision float32 modes are not TF32."""
+    mode = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on norms, biases (every tensor of rank <= 1), tokens and position embeddings."""
     skip = model.no_weight_decay()

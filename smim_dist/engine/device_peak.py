@@ -1,8 +1,8 @@
 """The training device's dense peak TFLOP/s, so that runs and benchmarks can say how close they get to the hardware.
 
-Figures are NVIDIA's datasheet numbers without sparsity, per GPU. ``fp32`` is plain fp32 (not TF32): the trainer
-leaves torch's default, which computes fp32 matrix products without TF32. Other devices have no entry; their
-utilisation is then unknown rather than guessed.
+Figures are NVIDIA's datasheet numbers without sparsity, per GPU. ``tf32`` is the peak of fp32 runs with
+``engine.tf32`` (the default), ``fp32`` that of runs without. Other devices have no entry; their utilisation is then
+unknown rather than guessed.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 
 DATASHEET_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
 )
 """(part of the name torch reports, peaks by precision), most specific first: 'NVIDIA H100 PCIe' must not be read as
 the SXM part, nor 'NVIDIA GH200 480GB' as an H200"""

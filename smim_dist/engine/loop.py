@@ -66,7 +66,7 @@ class EpochRunner:
         self.warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
         # Model FLOPs as bench/step.py counts them: forward + backward = 3x the forward, targets not included.
         self.flops_per_image = 3 * forward_flops(cfg.model, cfg.mask.ratio, True, target.out_dim)
-        self.peak_tflops = device_peak_tflops(device, cfg.engine.precision)
+        self.peak_tflops = device_peak_tflops(device, cfg.engine.matmul_precision)
 
     def lr_at(self, step: int) -> float:
         return cosine_lr(step, self.total_steps, self.warmup_steps, self.cfg.optim.lr, self.cfg.optim.min_lr)
