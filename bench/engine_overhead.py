@@ -125,7 +125,7 @@ def main() -> None:
         cfg.model = model_cfg
         cfg.optim.global_batch = cfg.optim.micro_batch = args.batch
         cfg.engine.precision, cfg.engine.zero_stage = args.precision, stage
-        ds_config = deepspeed_config(cfg, 1)
+        ds_config = deepspeed_config(cfg, 1, sum(param.numel() for param in base.parameters()))
         if args.check_grad_overflow:
             ds_config["bf16"] = {"enabled": True}
         if not contiguous:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import stage_1_and_2
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import (build_engine, deepspeed_config, fused_adamw, norm_inside_adamw,
@@ -179,7 +180,7 @@ def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path
 def deepspeeds_own_clipping_engine(cfg: Config):
     """The same model and optimizer as ``build_engine``, clipped by DeepSpeed itself (its config's defaults)."""
     model = MIMModel(cfg.model, PixelTarget(8).out_dim)
-    ds_config = deepspeed_config(cfg, 1)
+    ds_config = deepspeed_config(cfg, 1, sum(param.numel() for param in model.parameters()))
     ds_config["gradient_clipping"] = cfg.optim.clip_grad
     ds_config["zero_optimization"].pop("compute_grad_norm", None)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -262,7 +263,7 @@ def test_only_plain_adamw_steps_leave_clipping_to_adamw(zero_stage, precision, d
     dropped."""
     cfg = micro_config(precision, zero_stage)
     assert cfg.optim.clip_grad > 0
-    assert deepspeed_config(cfg, 1)["gradient_clipping"] == (cfg.optim.clip_grad if deepspeed_clips else 0.0)
+    assert deepspeed_config(cfg, 1, 1000)["gradient_clipping"] == (cfg.optim.clip_grad if deepspeed_clips else 0.0)
     assert norm_inside_adamw(cfg) is not deepspeed_clips
 
 
@@ -276,3 +277,31 @@ def test_engine_tf32_sets_cuda_matmuls_and_convolutions_and_leaves_the_cpu_alone
     finally:
         for flag, value in zip(flags, before):
             flag.fp32_precision = value
+
+
+class LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and not func.is_view:
+            self.elements = max(self.elements, out.numel())
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_no_zero_buffer_is_larger_than_the_model(process_group, zero_stage, precision):
+    """DeepSpeed sizes its gradient reduction bucket by its config, 500M elements by default (2 GB in fp32, allocated
+    by every ZeRO 1/2 backward); sized to the model it holds every gradient and nothing more."""
+    if precision == "bf16" and not get_accelerator().is_bf16_supported():
+        pytest.skip("DeepSpeed's accelerator here has no bf16")
+    with LargestAllocation() as largest:
+        engine, target = micro_engine(process_group.device, precision, zero_stage)
+        for _ in range(2):
+            engine.backward(micro_loss(engine, target))
+            engine.step()
+    num_params = sum(param.ds_numel if zero_stage == 3 else param.numel() for param in engine.module.parameters())
+    assert 0.5 * num_params < largest.elements <= num_params * 1.01, (largest.elements, num_params)

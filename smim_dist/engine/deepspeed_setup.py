@@ -44,11 +44,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default ``reduce_bucket_size``, in elements"""
+
+
+def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
     """bf16 runs without DeepSpeed's per-gradient overflow checks: bf16 has fp32's range, and the loop's non-finite
     guard already skips the update of every step with a non-finite loss on any rank. On an H200 those checks (six small
     kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md. Where the fused
-    AdamW takes the gradient norm (``norm_inside_adamw``), DeepSpeed neither clips nor computes it."""
+    AdamW takes the gradient norm (``norm_inside_adamw``), DeepSpeed neither clips nor computes it.
+
+    ZeRO 1-3 allocate their gradient reduction bucket at ``reduce_bucket_size`` elements whatever the model's size:
+    500M by default, 1 GB in bf16 and 2 GB in fp32 for a model of 0.1B (every backward under ZeRO 1/2). A bucket of
+    ``num_params`` holds every gradient, so the reductions are the same ones, from a buffer no larger than needed."""
     optim, engine = cfg.optim, cfg.engine
     norm_in_adamw = norm_inside_adamw(cfg)
     ds = {
@@ -63,6 +71,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
     if engine.zero_stage in (1, 2):
         ds["zero_optimization"]["compute_grad_norm"] = not norm_in_adamw
+    if engine.zero_stage > 0:
+        ds["zero_optimization"]["reduce_bucket_size"] = min(num_params, DEEPSPEED_REDUCE_BUCKET)
     if engine.precision == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif engine.precision == "fp16":
@@ -76,7 +86,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.d
     the default per-tensor loop on a ViT-S CPU step, bench/README.md); the LR is set per step by the loop."""
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
+    num_params = sum(param.numel() for param in model.parameters())
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, world_size, num_params))
     if norm_inside_adamw(cfg):
         clip_inside_adamw(engine, cfg.optim.clip_grad)
     if cfg.engine.compile:
