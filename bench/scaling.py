@@ -2,6 +2,7 @@
 
     python bench/scaling.py --size micro --img 64 --patch 8 --batch 64 --target pixels     # CPU: gloo, 1 thread/process
     python bench/scaling.py --size base --img 224 --patch 16 --batch 128 --precision bf16  # 2 GPUs: NCCL
+    python bench/scaling.py --compare-overlap-comm     # also times each world with engine.overlap_comm (ZeRO 1/2)
 
 Weak scaling: every process trains the same micro batch of synthetic images, made once on its device so no loader is
 timed, through this project's own loop (``EpochRunner.run_epoch``: targets, DeepSpeed forward, loss, backward, the
@@ -45,14 +46,15 @@ STAGES = (0, 1, 2, 3)
 WORLDS = (1, 2)
 
 
-def make_config(args: argparse.Namespace, world: int, zero_stage: int, out_dir: str) -> Config:
+def make_config(args: argparse.Namespace, world: int, zero_stage: int, out_dir: str,
+                overlap_comm: bool = False) -> Config:
     """The training defaults, with the benchmark's model and batch, no accumulation and logging that never fires."""
     return Config(
         output_dir=out_dir, run_name="scaling",
         model=ModelConfig(size=args.size, mode=args.mode, img_size=args.img, patch_size=args.patch),
         target=TargetConfig(kind=args.target), mask=MaskConfig(ratio=args.mask_ratio),
         optim=OptimConfig(epochs=1, micro_batch=args.batch, global_batch=args.batch * world),
-        engine=EngineConfig(zero_stage=zero_stage, precision=args.precision),
+        engine=EngineConfig(zero_stage=zero_stage, precision=args.precision, overlap_comm=overlap_comm),
         log=LogConfig(every_steps=10**9, progress=False, wandb_mode="disabled"))
 
 
@@ -149,16 +151,19 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
         torch.set_num_threads(args.threads)
     info = init_distributed()
     check_precision(args.precision, info.device)
-    cfg = make_config(args, world, args.zero_stage, out_dir)
-    runner, params = build_runner(cfg, info)
-    batch = synthetic_batch(cfg, info)
-    runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
-    elapsed, cpu = time_steps(runner, batch, args.steps, args.rounds)
-    runner.logger.close()
-    runner.engine.destroy()
-    result = {"images_per_s": world * args.batch * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
-              "cpu_ms": 1e3 * cpu / args.steps,
-              "all_reduce_ms": 1e3 * time_all_reduce(params, info.device), "params": params, "state": {}}
+    result = {"overlapped": {}, "state": {}}
+    for overlap_comm in (False, True) if args.compare_overlap_comm else (False,):
+        cfg = make_config(args, world, args.zero_stage, out_dir, overlap_comm)
+        runner, params = build_runner(cfg, info)
+        batch = synthetic_batch(cfg, info)
+        runner.run_epoch([batch] * args.warmup, TrainState(), lambda: False)
+        elapsed, cpu = time_steps(runner, batch, args.steps, args.rounds)
+        runner.logger.close()
+        runner.engine.destroy()
+        timing = {"images_per_s": world * args.batch * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
+                  "cpu_ms": 1e3 * cpu / args.steps}
+        (result["overlapped"] if overlap_comm else result).update(timing)
+    result.update(all_reduce_ms=1e3 * time_all_reduce(params, info.device), params=params)
     for stage in STAGES:
         runner, _ = build_runner(make_config(args, world, stage, out_dir), info)
         runner.run_epoch([batch], TrainState(), lambda: False)
@@ -208,6 +213,11 @@ def report(args: argparse.Namespace, runs: dict[int, dict]) -> dict:
               f"{run['all_reduce_ms']:>14.2f}")
     print(f"speedup 2 vs 1 processes: {speedup:.3f}   weak-scaling efficiency: {speedup / 2:.1%}   "
           f"(CPU time per step, 1 / 2 processes: {runs[1]['cpu_ms'] / runs[2]['cpu_ms']:.1%})")
+    for world, run in runs.items() if args.compare_overlap_comm else ():
+        overlapped = run["overlapped"]
+        print(f"{world} process(es) with engine.overlap_comm: {overlapped['images_per_s']:.1f} images/s, "
+              f"{overlapped['step_ms']:.1f} ms/step, {overlapped['step_ms'] / run['step_ms']:.3f}x the step time "
+              "without")
     print("\noptimizer state per rank after one step, MiB measured (expected from the parameter count)")
     print(f"{'ZeRO':>4} {'world':>5} {'Adam moments':>20} {'fp32 master':>20} {'total':>20}")
     rows = []
@@ -239,12 +249,16 @@ def main() -> None:
     parser.add_argument("--target", choices=["maskfeat", "pixels"], default="pixels")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--zero-stage", type=int, choices=STAGES, default=1, help="ZeRO stage of the timed runs")
+    parser.add_argument("--compare-overlap-comm", action="store_true",
+                        help="also time each world size with engine.overlap_comm (ZeRO 1/2), in the same processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process on CPU")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds; the fastest counts")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.compare_overlap_comm and args.zero_stage not in (1, 2):
+        parser.error(f"--compare-overlap-comm needs --zero-stage 1 or 2 (engine.overlap_comm), not {args.zero_stage}")
     if torch.cuda.is_available() and torch.cuda.device_count() < max(WORLDS):
         parser.error(f"needs {max(WORLDS)} GPUs for the 2-process run, found {torch.cuda.device_count()}")
     results = report(args, {world: run_world(world, args) for world in WORLDS})

@@ -1,4 +1,5 @@
-"""bench/scaling.py end to end at toy size: it runs 1 and 2 processes, and ZeRO really shards the optimizer state."""
+"""bench/scaling.py end to end at toy size: it runs 1 and 2 processes, with and without overlapped all-reduce, and ZeRO
+really shards the optimizer state."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from conftest import run_cli
 def test_scaling_bench_reports_throughput_and_sharded_optimizer_state(tmp_path):
     out = tmp_path / "scaling.json"
     proc = run_cli(["bench/scaling.py", "--img", "32", "--patch", "8", "--batch", "4", "--warmup", "1", "--steps",
-                    "2", "--rounds", "1", "--json", str(out)], timeout=300)
+                    "2", "--rounds", "1", "--compare-overlap-comm", "--json", str(out)], timeout=300)
     assert "weak-scaling efficiency" in proc.stdout
+    assert "2 process(es) with engine.overlap_comm:" in proc.stdout
     results = json.loads(out.read_text())
     throughput = {world: run["images_per_s"] for world, run in results["runs"].items()}
     assert set(throughput) == {"1", "2"} and all(value > 0 for value in throughput.values())
     assert results["efficiency"] == pytest.approx(throughput["2"] / (2 * throughput["1"]))
+    assert all(run["overlapped"]["images_per_s"] > 0 for run in results["runs"].values())
 
     rows = {(row["stage"], row["world"]): row for row in results["optimizer_state"]}
     assert set(rows) == {(stage, world) for stage in (0, 1, 2, 3) for world in (1, 2)}

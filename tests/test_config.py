@@ -57,6 +57,8 @@ def test_base_chain_and_overrides(tmp_path):
     ("", ["model.num_proxy=0"], "model.num_proxy=0"),
     ("", ["optim.micro_batch=0"], "optim.micro_batch=0: both must be at least 1"),
     ("", ["engine.zero_stage=4"], "engine.zero_stage=4"),
+    ("", ["engine.overlap_comm=true", "engine.zero_stage=3"], "engine.overlap_comm=true with engine.zero_stage=3"),
+    ("", ["engine.overlap_comm=true", "engine.zero_stage=0"], "ZeRO 0 reduces after the backward"),
     ("", ["log.profile_steps=-1"], "log.profile_steps=-1, log.profile_from_step=20"),
     ("", ["log.profile_steps=5", "log.profile_from_step=0"], "log.profile_from_step=0: trace"),
     ("", ["target.kind=beit"], "target.tokenizer_path"),
@@ -115,13 +117,13 @@ def test_saved_config_round_trips_with_its_hash(tmp_path):
     assert Config().hash() == Config().hash()
 
 
-def test_a_run_saved_before_engine_tf32_existed_resumes_and_may_toggle_it():
-    """TF32 changes roundings, not the recipe: an older run (no ``engine.tf32`` in its saved config) resumes under any
-    setting of it, while a real change is still named."""
+def test_a_run_saved_before_engine_tf32_existed_resumes_and_may_toggle_it_and_overlap_comm():
+    """TF32 and the all-reduce's bucketing change roundings, not the recipe: an older run (no ``engine.tf32`` in its
+    saved config) resumes under any setting of either, while a real change is still named."""
     saved = Config().to_dict()
     del saved["engine"]["tf32"]
     assert config_changes(saved, Config().to_dict()) == []
-    toggled = load_config(None, ["engine.tf32=false"]).to_dict()
+    toggled = load_config(None, ["engine.tf32=false", "engine.overlap_comm=true"]).to_dict()
     assert config_changes(Config().to_dict(), toggled) == []
     assert config_changes(saved, load_config(None, ["engine.precision=fp32"]).to_dict()) == [
         "engine.precision: 'bf16' -> 'fp32'"]

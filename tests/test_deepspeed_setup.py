@@ -51,9 +51,11 @@ def micro_config(precision: str, zero_stage: int = 1, accumulation: int = 1) -> 
     return cfg
 
 
-def micro_engine(device, precision: str, zero_stage: int = 1, accumulation: int = 1, clip_grad: float = 3.0):
+def micro_engine(device, precision: str, zero_stage: int = 1, accumulation: int = 1, clip_grad: float = 3.0,
+                 overlap_comm: bool = False):
     cfg = micro_config(precision, zero_stage, accumulation)
     cfg.optim.clip_grad = clip_grad
+    cfg.engine.overlap_comm = overlap_comm
     target = PixelTarget(8)
     return build_engine(cfg, MIMModel(cfg.model, target.out_dim), 1, device), target
 
@@ -305,3 +307,22 @@ def test_no_zero_buffer_is_larger_than_the_model(process_group, zero_stage, prec
             engine.step()
     num_params = sum(param.ds_numel if zero_stage == 3 else param.numel() for param in engine.module.parameters())
     assert 0.5 * num_params < largest.elements <= num_params * 1.01, (largest.elements, num_params)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("overlap_comm", [False, True])
+def test_overlap_comm_reduces_gradient_buckets_while_the_backward_runs(process_group, monkeypatch, zero_stage,
+                                                                       overlap_comm):
+    """The patch embedding's gradient is the backward's last; with ``engine.overlap_comm`` buckets are reduced
+    before it, without it every reduction waits for the whole backward."""
+    events = []
+    real_reduce = stage_1_and_2.DeepSpeedZeroOptimizer.average_tensor
+    monkeypatch.setattr(stage_1_and_2.DeepSpeedZeroOptimizer, "average_tensor",
+                        lambda self, *args: events.append("reduce") or real_reduce(self, *args))
+    engine, target = micro_engine(process_group.device, "fp32", zero_stage, overlap_comm=overlap_comm)
+    engine.module.encoder.patch_embed.proj.weight.register_hook(lambda grad: events.append("patch embedding"))
+    engine.backward(micro_loss(engine, target))
+    engine.step()
+    last_gradient = events.index("patch embedding")
+    assert events.count("reduce") >= (4 if overlap_comm else 1)
+    assert ("reduce" in events[:last_gradient]) is overlap_comm, events

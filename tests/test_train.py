@@ -42,6 +42,22 @@ def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
             assert got[step] == pytest.approx(norm, rel=1e-3), f"{label}, step {step}"
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_overlapped_all_reduce_trains_as_the_one_after_the_backward(tmp_path, demo_data, stage):
+    """``engine.overlap_comm`` reduces buckets of a quarter of the model during the backward, here on 2 processes
+    with 2 accumulation micro-steps (ZeRO 1 reduces at the last one only, ZeRO 2 at each)."""
+    base = tiny_overrides(tmp_path, demo_data, f"engine.zero_stage={stage}", "optim.micro_batch=4")
+    curves = {}
+    for overlap in (False, True):
+        name = f"overlap_{overlap}"
+        train_cli(2, TINY_CONFIG, [*base, f"run_name={name}", f"engine.overlap_comm={str(overlap).lower()}"])
+        curves[overlap] = losses(tmp_path / name), losses(tmp_path / name, "grad_norm")
+    for (plain, overlapped) in zip(curves[False], curves[True]):
+        assert plain.keys() == overlapped.keys() and len(plain) == 8
+        for step, value in plain.items():
+            assert overlapped[step] == pytest.approx(value, rel=1e-5), f"step {step}"
+
+
 def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=nan")
     train_with_faults(2, ["--nan-calls", "2,3"], overrides)

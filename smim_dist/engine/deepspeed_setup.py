@@ -46,6 +46,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``reduce_bucket_size``, in elements"""
+OVERLAP_BUCKET = 40_000_000
+"""the largest bucket of an overlapped all-reduce (80 MB of bf16, enough to reach NCCL's bandwidth; Megatron-LM's
+default)"""
 
 
 def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
@@ -56,7 +59,9 @@ def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
 
     ZeRO 1-3 allocate their gradient reduction bucket at ``reduce_bucket_size`` elements whatever the model's size:
     500M by default, 1 GB in bf16 and 2 GB in fp32 for a model of 0.1B (every backward under ZeRO 1/2). A bucket of
-    ``num_params`` holds every gradient, so the reductions are the same ones, from a buffer no larger than needed."""
+    ``num_params`` holds every gradient, so the reductions are the same ones, from a buffer no larger than needed.
+    With ``engine.overlap_comm`` (ZeRO 1/2) the bucket holds at most a quarter of the model, so the first buckets are
+    reduced while the backward computes the rest, and at most ``OVERLAP_BUCKET``."""
     optim, engine = cfg.optim, cfg.engine
     norm_in_adamw = norm_inside_adamw(cfg)
     ds = {
@@ -73,6 +78,8 @@ def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
         ds["zero_optimization"]["compute_grad_norm"] = not norm_in_adamw
     if engine.zero_stage > 0:
         ds["zero_optimization"]["reduce_bucket_size"] = min(num_params, DEEPSPEED_REDUCE_BUCKET)
+    if engine.overlap_comm:
+        ds["zero_optimization"].update(overlap_comm=True, reduce_bucket_size=min(-(-num_params // 4), OVERLAP_BUCKET))
     if engine.precision == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif engine.precision == "fp16":

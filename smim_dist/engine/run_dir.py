@@ -8,9 +8,9 @@ from smim_dist.config import Config, ConfigError, save_config
 
 CONFIG_FILE = "config.yaml"
 HARMLESS = ("log.", "checkpoint.", "eval.", "data.num_workers", "data.path", "engine.max_bad_steps", "engine.tf32",
-            "output_dir")
-"""Keys a resumed run may change: they do not alter what is trained (TF32 changes only roundings). A key missing
-from a run saved by an older version counts as changed unless it is listed here."""
+            "engine.overlap_comm", "output_dir")
+"""Keys a resumed run may change: they do not alter what is trained (TF32 and the all-reduce's bucketing change only
+roundings). A key missing from a run saved by an older version counts as changed unless it is listed here."""
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
