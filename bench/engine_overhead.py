@@ -6,6 +6,7 @@
     python bench/engine_overhead.py --torch-autocast --stages 1 2     # DeepSpeed's torch_autocast mode instead
     python bench/engine_overhead.py --stages 1 --show-reads           # where each host read comes from
     python bench/engine_overhead.py --stages 1 2 --compare-contiguous-gradients   # and without DeepSpeed's copies
+    python bench/engine_overhead.py --stages 1 2 --compare-overlap-comm           # and with engine.overlap_comm
     python bench/engine_overhead.py --precision fp32 --stages 0 1     # fp32 weights and compute throughout
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
@@ -89,6 +90,9 @@ def main() -> None:
     parser.add_argument("--compare-contiguous-gradients", action="store_true",
                         help="also run ZeRO 1/2 with each gradient left where autograd put it instead of copied into "
                              "DeepSpeed's bucket and partition buffers (zero_optimization.contiguous_gradients: false)")
+    parser.add_argument("--compare-overlap-comm", action="store_true",
+                        help="also run ZeRO 1/2 with engine.overlap_comm (gradient buckets all-reduced during the "
+                             "backward)")
     parser.add_argument("--torch-autocast", action="store_true",
                         help="DeepSpeed's torch_autocast mode instead (fp32 weights and gradients, bf16 compute, "
                              "DeepSpeed's clipping)")
@@ -118,13 +122,20 @@ def main() -> None:
     rows = {}
     label = f"plain torch, {args.precision}"
     rows[label] = count_ops(plain_step, args.steps, device, label if args.show_reads else None)
-    variants = [(stage, contiguous) for stage in args.stages
-                for contiguous in ((True, False) if args.compare_contiguous_gradients and stage in (1, 2) else (True,))]
-    for stage, contiguous in variants:
+    def variants(stage: int) -> list[tuple[int, bool, bool]]:
+        """(stage, contiguous gradients, overlap_comm): smim-train's setting first, then the comparisons asked for."""
+        rows = [(stage, True, False)]
+        if stage in (1, 2):
+            rows += [(stage, False, False)] * args.compare_contiguous_gradients
+            rows += [(stage, True, True)] * args.compare_overlap_comm
+        return rows
+
+    for stage, contiguous, overlap_comm in (row for stage in args.stages for row in variants(stage)):
         cfg = Config()
         cfg.model = model_cfg
         cfg.optim.global_batch = cfg.optim.micro_batch = args.batch
         cfg.engine.precision, cfg.engine.zero_stage = args.precision, stage
+        cfg.engine.overlap_comm = overlap_comm
         ds_config = deepspeed_config(cfg, 1, sum(param.numel() for param in base.parameters()))
         if args.check_grad_overflow:
             ds_config["bf16"] = {"enabled": True}
@@ -147,7 +158,8 @@ def main() -> None:
             engine.step()
 
         mode = "torch_autocast" if args.torch_autocast else args.precision
-        label = f"DeepSpeed {mode}, ZeRO {stage}" + ("" if contiguous else ", no contiguous gradients")
+        label = (f"DeepSpeed {mode}, ZeRO {stage}" + ("" if contiguous else ", no contiguous gradients")
+                 + (", overlap_comm" if overlap_comm else ""))
         rows[label] = count_ops(engine_step, args.steps, device, label if args.show_reads else None)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     checks = "on" if args.check_grad_overflow else "off (as smim-train runs)"

@@ -68,13 +68,13 @@ def test_gpu_check_refuses_a_machine_without_an_nvidia_gpu(tmp_path):
 
 def test_engine_overhead_bench_counts_each_zero_stage_against_plain_torch():
     proc = run_cli(["bench/engine_overhead.py", "--img", "32", "--batch", "4", "--steps", "1", "--stages", "1", "3",
-                    "--show-reads", "--compare-contiguous-gradients"], timeout=300)
+                    "--show-reads", "--compare-contiguous-gradients", "--compare-overlap-comm"], timeout=300)
     rows = {label.strip(): figures for label, *figures in (line.rsplit(maxsplit=3) for line in proc.stdout.splitlines()
             if line.startswith(("plain torch, bf16 ", "DeepSpeed bf16, ZeRO")) and not line.endswith(":"))}
     sources = proc.stdout.split("DeepSpeed bf16, ZeRO 1:\n", 1)[1].split("DeepSpeed bf16, ZeRO 3:")[0]
     assert "reads/step" in sources and ".py(" in sources, "--show-reads names the Python line of each host read"
     assert set(rows) == {"plain torch, bf16", "DeepSpeed bf16, ZeRO 1", "DeepSpeed bf16, ZeRO 1, no contiguous gradients",
-                         "DeepSpeed bf16, ZeRO 3"}
+                         "DeepSpeed bf16, ZeRO 1, overlap_comm", "DeepSpeed bf16, ZeRO 3"}
     assert float(rows["DeepSpeed bf16, ZeRO 1, no contiguous gradients"][0]) < float(rows["DeepSpeed bf16, ZeRO 1"][0]), \
         "without its contiguous buffers DeepSpeed skips a gradient copy per tensor"
     assert all(float(rows[label][0]) > float(rows["plain torch, bf16"][0]) for label in rows if "ZeRO" in label), \
