@@ -143,9 +143,9 @@ class EngineConfig:
     time both ways; may change on resume"""
     tf32: bool = True
     """on NVIDIA GPUs, compute float32 matrix products and convolutions on the TF32 tensor cores (float32 range and
-    accumulation, 10-bit mantissa inputs; 7x plain float32's datasheet rate on an H100). It reaches fp32 runs and the
-    float32 parts of bf16 runs (targets, tokenizer output layer). false: IEEE float32 throughout. May change on
-    resume"""
+    accumulation, 10-bit mantissa inputs; 7x plain float32's datasheet rate on an H100): what fp32 runs' models compute
+    in (torch's default already runs convolutions, such as the targets', in TF32). false: IEEE float32 throughout,
+    convolutions included. May change on resume"""
 
     @property
     def matmul_precision(self) -> str:
