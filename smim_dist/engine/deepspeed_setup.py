@@ -60,8 +60,8 @@ def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
     ZeRO 1-3 allocate their gradient reduction bucket at ``reduce_bucket_size`` elements whatever the model's size:
     500M by default, 1 GB in bf16 and 2 GB in fp32 for a model of 0.1B (every backward under ZeRO 1/2). A bucket of
     ``num_params`` holds every gradient, so the reductions are the same ones, from a buffer no larger than needed.
-    With ``engine.overlap_comm`` (ZeRO 1/2) the bucket holds at most a quarter of the model, so the first buckets are
-    reduced while the backward computes the rest, and at most ``OVERLAP_BUCKET``."""
+    With ``engine.overlap_comm`` (ZeRO 1/2) a bucket holds a quarter of the model, at most ``OVERLAP_BUCKET``
+    elements, so the first buckets are reduced while the backward computes the rest."""
     optim, engine = cfg.optim, cfg.engine
     norm_in_adamw = norm_inside_adamw(cfg)
     ds = {
