@@ -52,7 +52,7 @@ def test_overlapped_all_reduce_trains_as_the_one_after_the_backward(tmp_path, de
         name = f"overlap_{overlap}"
         train_cli(2, TINY_CONFIG, [*base, f"run_name={name}", f"engine.overlap_comm={str(overlap).lower()}"])
         curves[overlap] = losses(tmp_path / name), losses(tmp_path / name, "grad_norm")
-    for (plain, overlapped) in zip(curves[False], curves[True]):
+    for plain, overlapped in zip(curves[False], curves[True]):
         assert plain.keys() == overlapped.keys() and len(plain) == 8
         for step, value in plain.items():
             assert overlapped[step] == pytest.approx(value, rel=1e-5), f"step {step}"
