@@ -269,16 +269,21 @@ def test_only_plain_adamw_steps_leave_clipping_to_adamw(zero_stage, precision, d
     assert norm_inside_adamw(cfg) is not deepspeed_clips
 
 
-@pytest.mark.parametrize("tf32, mode", [(True, "tf32"), (False, "ieee")])
-def test_engine_tf32_sets_cuda_matmuls_and_convolutions_and_leaves_the_cpu_alone(tf32, mode):
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul)
-    before = [flag.fp32_precision for flag in flags]
+@pytest.mark.parametrize("tf32, matmul_precision", [(True, "high"), (False, "highest")])
+def test_engine_tf32_sets_cuda_matmuls_and_convolutions_and_leaves_the_cpu_alone(tf32, matmul_precision):
+    """Set through the flags torch's own code still reads: ``get_float32_matmul_precision`` (which inductor's
+    autotuning calls) raises once torch 2.9's per-backend settings have been used instead."""
+    legacy = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [flag.allow_tf32 for flag in legacy], torch.backends.mkldnn.matmul.fp32_precision
     try:
         set_fp32_precision(tf32)
-        assert [flag.fp32_precision for flag in flags] == [mode, mode, before[2]]
+        assert [flag.allow_tf32 for flag in legacy] == [tf32, tf32]
+        assert torch.get_float32_matmul_precision() == matmul_precision
+        assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
+        assert torch.backends.mkldnn.matmul.fp32_precision == before[1]
     finally:
-        for flag, value in zip(flags, before):
-            flag.fp32_precision = value
+        for flag, value in zip(legacy, before[0]):
+            flag.allow_tf32 = value
 
 
 class LargestAllocation(TorchDispatchMode):

@@ -28,10 +28,11 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 def set_fp32_precision(tf32: bool) -> None:
     """torch computes float32 matrix products in IEEE float32 by default, and convolutions in TF32; ``engine.tf32``
-    sets both, for this process. CPUs are left alone: their reduced-precision float32 modes are not TF32."""
-    mode = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
+    sets both, for this process. CPUs are left alone: their reduced-precision float32 modes are not TF32. These are
+    the flags every torch since 1.7 reads; torch 2.9's per-backend ``fp32_precision`` settings would make
+    ``torch.get_float32_matmul_precision()`` raise, and inductor's autotuning calls it."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
