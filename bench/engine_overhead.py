@@ -122,13 +122,14 @@ def main() -> None:
     rows = {}
     label = f"plain torch, {args.precision}"
     rows[label] = count_ops(plain_step, args.steps, device, label if args.show_reads else None)
+
     def variants(stage: int) -> list[tuple[int, bool, bool]]:
         """(stage, contiguous gradients, overlap_comm): smim-train's setting first, then the comparisons asked for."""
-        rows = [(stage, True, False)]
+        chosen = [(stage, True, False)]
         if stage in (1, 2):
-            rows += [(stage, False, False)] * args.compare_contiguous_gradients
-            rows += [(stage, True, True)] * args.compare_overlap_comm
-        return rows
+            chosen += [(stage, False, False)] * args.compare_contiguous_gradients
+            chosen += [(stage, True, True)] * args.compare_overlap_comm
+        return chosen
 
     for stage, contiguous, overlap_comm in (row for stage in args.stages for row in variants(stage)):
         cfg = Config()

@@ -9,7 +9,8 @@
 2. The bf16 engine then trains ``--steps`` steps at ``--batch`` the way the training loop does (targets, forward,
    loss, ``engine.backward``, ``engine.step``): images/s and MFU of the product path, DeepSpeed's overheads included,
    next to the same engine with ``engine.compile`` (the lever for the MFU goal: plain torch gained a third from
-   compiling) and the same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process; then the
+   compiling), with ``engine.overlap_comm`` (one GPU has nothing to overlap, so that row prices its synchronisation at
+   the end of each backward) and the same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process; then the
    whole training loop
    (``EpochRunner.run_epoch`` on uint8 loader batches: normalisation, targets, the non-finite guard, metrics, a host
    read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine,
@@ -100,22 +101,21 @@ def time_engine(args, dist_info, target, peak: float) -> bool:
     device = dist_info.device
     torch.manual_seed(0)
     cfg = engine_config(args, "bf16", args.batch)
-    engine = build_engine(cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
-    compiled_cfg = copy.deepcopy(cfg)
-    compiled_cfg.engine.compile = True
-    compiled = build_engine(compiled_cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
-    overlap_cfg = copy.deepcopy(cfg)
-    overlap_cfg.engine.overlap_comm = True
-    overlapped = build_engine(overlap_cfg, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
+    images, views, mask = make_batch(args, device)
+
+    def engine_step(engine_setting: str | None):
+        """A step of the bf16 engine ``smim-train`` builds, with one ``engine.*`` switch turned on."""
+        variant = copy.deepcopy(cfg)
+        if engine_setting:
+            setattr(variant.engine, engine_setting, True)
+        engine = build_engine(variant, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
+        return lambda: train_step(engine, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16)
+
     plain = StepRunner(cfg.model, target, "maskfeat", target.out_dim,
                        argparse.Namespace(dtype="bf16", host_sync=False, compile=False), device)
-    images, views, mask = make_batch(args, device)
-    steps = {"DeepSpeed bf16 engine (ZeRO 1)": lambda: train_step(
-                 engine, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16),
-             "DeepSpeed bf16 engine (ZeRO 1), engine.compile": lambda: train_step(
-                 compiled, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16),
-             "DeepSpeed bf16 engine (ZeRO 1), engine.overlap_comm": lambda: train_step(
-                 overlapped, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16),
+    steps = {"DeepSpeed bf16 engine (ZeRO 1)": engine_step(None),
+             "DeepSpeed bf16 engine (ZeRO 1), engine.compile": engine_step("compile"),
+             "DeepSpeed bf16 engine (ZeRO 1), engine.overlap_comm": engine_step("overlap_comm"),
              "plain torch, bf16 autocast": lambda: plain.step(images, views, mask)}
     flops = 3 * forward_flops(cfg.model, args.mask_ratio, True, target.out_dim) * args.batch
     seconds = {}
