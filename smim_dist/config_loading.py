@@ -19,8 +19,25 @@ class ConfigError(ValueError):
     """A configuration problem found before any work started."""
 
 
+def _number_from_text(text: str, annotation: type) -> int | float | None:
+    """A number written the way people write them. YAML 1.1 reads ``2e-3``, ``1E-4`` and ``1e5`` as strings (its
+    floats need a dot and a signed exponent), so the field's declared type decides; an int field takes only whole
+    values (``1_000``, ``1e3``)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if annotation is float:
+        return number
+    try:
+        return int(text)
+    except ValueError:
+        return int(number) if number.is_integer() else None
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a YAML value against a field's type; ints are accepted where floats are declared."""
+    """Check a YAML value against a field's type; ints are accepted where floats are declared, and numbers written as
+    text (``2e-3``) where numbers are."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -43,6 +60,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation in (int, float) and isinstance(value, str) and _number_from_text(value, annotation) is not None:
+        return _number_from_text(value, annotation)
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")

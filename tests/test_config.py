@@ -43,6 +43,24 @@ def test_base_chain_and_overrides(tmp_path):
     assert cfg.model.layer_scale_init is None and cfg.optim.betas == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("written, expected", [
+    ("2e-3", 2e-3), ("1E-4", 1e-4), (".5", 0.5), ("1_000", 1000.0), ("+3e+2", 300.0), ("0.0015", 0.0015)])
+def test_numbers_are_read_as_people_write_them_in_files_and_overrides(tmp_path, written, expected):
+    """YAML 1.1 reads 2e-3 and 1E-4 as strings; a float field takes them as numbers, in a file and as an override."""
+    from_file = load_config(write(tmp_path / "c.yaml", f"optim:\n  lr: {written}\n  min_lr: 0\n"))
+    from_override = load_config(None, [f"optim.lr={written}", "optim.min_lr=0"])
+    assert from_file.optim.lr == from_override.optim.lr == expected
+    assert type(from_file.optim.lr) is float
+
+
+def test_whole_numbers_in_any_notation_fill_int_fields_and_fractions_do_not():
+    cfg = load_config(None, ["optim.global_batch=1_024", "optim.epochs=3e2", "optim.micro_batch=32"])
+    assert (cfg.optim.global_batch, cfg.optim.epochs) == (1024, 300) and type(cfg.optim.epochs) is int
+    with pytest.raises(ConfigError, match="optim.epochs: expected int, got str '1.5e0'"):
+        load_config(None, ["optim.epochs=1.5e0"])
+    assert load_config(None, ["run_name=2e-3"]).run_name == "2e-3", "a text field keeps the text"
+
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("optim:\n  lrr: 0.1\n", [], "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("modle:\n  size: base\n", [], "unknown key 'modle'; did you mean 'model'?"),
