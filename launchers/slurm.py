@@ -1,17 +1,20 @@
 """Submit a pre-training run to SLURM through submitit: one task per GPU, preemption-safe, requeued until it finishes.
 
     python launchers/slurm.py --nodes 8 --partition gpu --time 72:00:00 --config configs/beit_proxy.yaml optim.lr=2e-3
-    python launchers/slurm.py --nodes 2 --config configs/beit_proxy.yaml --dry-run   # print the sbatch script only
-    python launchers/slurm.py --container-image docker://ghcr.io/me/smim_dist:1 --config ...   # tasks in an image
+    python launchers/slurm.py --nodes 2 --config configs/beit_proxy.yaml --dry-run   # print the sbatch scripts only
+    python launchers/slurm.py --container-image docker://ghcr.io#me/smim_dist:1 --config ...   # tasks in an image
+    python launchers/slurm.py --setup 'module load cuda/12.4' --setup 'export NCCL_SOCKET_IFNAME=ib0' --config ...
 
-Submitting the same command again resumes the run (from its newest valid checkpoint), on any number of nodes. The
-config, the cluster options and the run directory are checked here, before anything is submitted.
+Submitting the same command again resumes the run (from its newest valid checkpoint), on any number of nodes; a
+finished run submits nothing. The config, the cluster options, the files the run reads, the run directory and what
+the scheduler will accept are all checked here, before anything is submitted.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -20,35 +23,34 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError
 
-from smim_dist.config import Config, ConfigError, load_config
-from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag
+from smim_dist.config import Config, ConfigError, load_config, missing_files
+from smim_dist.engine.checkpoint import check_resumable, checkpoint_meta, checkpoint_root, newest_valid_tag
 from smim_dist.engine.run_dir import check_run_dir
+from smim_dist.eval.jobs import SlurmEvalJobs, eval_job_script
+from smim_dist.slurm_batch import setup_lines, teardown_lines
+from smim_dist.slurm_cluster import find_partition, slurm_minutes, test_only
 from smim_dist.slurm_job import TrainJob
 
 JOB_FOLDER = "slurm"
 JOB_ID_FILE = "job_id"
-TIME_FORMATS = (
-    (r"(\d+)", (60,)),
-    (r"(\d+):(\d+)", (60, 1)),
-    (r"(\d+):(\d+):(\d+)", (3600, 60, 1)),
-    (r"(\d+)-(\d+)", (86400, 3600)),
-    (r"(\d+)-(\d+):(\d+)", (86400, 3600, 60)),
-    (r"(\d+)-(\d+):(\d+):(\d+)", (86400, 3600, 60, 1)),
-)
-"""SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) and the seconds each field counts"""
 CONTAINER_WORKDIR = "/opt/smim_dist"
 """where the project lives in the image (docker/Dockerfile)"""
 CONTAINER_PYTHON = "/opt/smim_dist/docker/entrypoint.sh python"
 """the image's python, through its entrypoint (its PATH and caches; pyxis and apptainer exec skip the entrypoint)"""
+READ_PATHS = ("data.path", "target.tokenizer_path", "eval.config_dir")
+"""config keys naming files a run reads: made absolute and mounted in a container"""
+
+
+class NotSubmitted(Exception):
+    """The job could be described but not submitted (SLURM missing, the run busy, the scheduler refusing)."""
 
 
 def minutes(text: str) -> int:
     """A SLURM time limit in whole minutes, rounded up."""
-    for pattern, seconds in TIME_FORMATS:
-        match = re.fullmatch(pattern, text)
-        if match:
-            return -(-sum(int(value) * unit for value, unit in zip(match.groups(), seconds)) // 60)
-    raise argparse.ArgumentTypeError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+    value = slurm_minutes(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+    return value
 
 
 def positive(text: str) -> int:
@@ -56,6 +58,16 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
     return value
+
+
+def enroot_image_hint(image: str) -> str | None:
+    """pyxis passes the image to enroot, whose references are ``docker://[USER@][REGISTRY#]IMAGE[:TAG]``: a
+    registry host written with '/' would be taken as a Docker Hub repository."""
+    reference = image.removeprefix("docker://")
+    first, slash, rest = reference.partition("/")
+    if "#" in reference or not slash or not ("." in first or ":" in first or first == "localhost"):
+        return None
+    return f"docker://{first}#{rest}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU; 0 for CPU-only nodes")
     parser.add_argument("--tasks-per-node", type=positive, default=1, help="tasks per node when --gpus-per-node 0")
     parser.add_argument("--cpus-per-task", type=positive, default=10, help="loader workers + the training thread")
-    parser.add_argument("--mem", help="memory per node, e.g. 480G (default: the partition's)")
+    parser.add_argument("--mem", help="memory per node, e.g. 480G; default: the whole node's (0) on GPU nodes, the "
+                                      "partition's default on CPU nodes")
+    parser.add_argument("--exclusive", action="store_true", help="no other job on the training job's nodes")
+    parser.add_argument("--setup", action="append", default=[], metavar="LINE",
+                        help="a shell line the job runs before its tasks start, e.g. 'module load cuda/12.4' or "
+                             "'export NCCL_SOCKET_IFNAME=ib0' (repeatable; evaluation jobs run them too)")
     parser.add_argument("--time", type=minutes, default=minutes("3-00:00:00"),
                         help="time limit per job (the run is requeued until done); default 3-00:00:00")
     parser.add_argument("--partition")
@@ -82,15 +99,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-requeues", type=int, default=50, help="after this many requeues the job ends")
     parser.add_argument("--eval-time", type=minutes, default=60, help="time limit of each evaluation job")
     parser.add_argument("--container-image", metavar="IMAGE",
-                        help="run every task in this image: for pyxis an image reference (docker://..., a .sqsh "
-                             "file), for apptainer a .sif file")
+                        help="run every task in this image: for pyxis an enroot reference "
+                             "(docker://[REGISTRY#]IMAGE[:TAG]) or a .sqsh file, for apptainer a .sif file")
     parser.add_argument("--container-runtime", choices=("pyxis", "apptainer"),
                         help="pyxis: srun --container-image (the default); apptainer: srun apptainer exec")
     parser.add_argument("--container-mounts", metavar="SRC:DST[,...]",
-                        help="more mounts (the output dir and the data directory are always mounted at their paths)")
+                        help="more mounts (the output dir and every file the config reads are mounted at their "
+                             "paths)")
     parser.add_argument("--container-workdir", metavar="DIR",
                         help=f"working directory inside the container (default {CONTAINER_WORKDIR})")
-    parser.add_argument("--dry-run", action="store_true", help="check everything and print the sbatch script")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the sbatch scripts (training and evaluation jobs) and every problem found")
     args = parser.parse_args(argv)
     for option in ("container_runtime", "container_mounts", "container_workdir"):
         if getattr(args, option) is not None and args.container_image is None:
@@ -99,6 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.container_runtime == "apptainer" and args.container_image and not Path(args.container_image).is_file():
         parser.error(f"--container-image {args.container_image}: no such file; apptainer runs a local .sif image "
                      "(apptainer build smim_dist.sif docker-daemon://IMAGE, on a shared file system)")
+    if args.container_runtime == "pyxis" and args.container_image and not Path(args.container_image).is_file():
+        hint = enroot_image_hint(args.container_image)
+        if hint:
+            parser.error(f"--container-image {args.container_image}: enroot (under pyxis) separates the registry "
+                         f"with '#', or it looks for the image on Docker Hub; write {hint}")
     for mount in args.container_mounts.split(",") if args.container_mounts is not None else ():
         source, _, rest = mount.partition(":")
         if not source.startswith("/") or rest and not rest.startswith("/"):
@@ -121,20 +145,27 @@ def local_path(path: str) -> bool:
     return "://" not in path and not path.startswith("pipe:") and not any(c in path for c in ", \t\n")
 
 
+def read_paths(cfg: Config) -> dict[str, Path]:
+    """The local files and folders the run reads, by config key."""
+    values = {"data.path": cfg.data.path, "target.tokenizer_path": cfg.target.tokenizer_path,
+              "eval.config_dir": cfg.eval.config_dir}
+    return {key: Path(value) for key, value in values.items() if value and local_path(value)}
+
+
 def container_overrides(cfg: Config) -> list[str]:
-    """The output and data paths made absolute, so that they name the same mounted directories inside the image."""
+    """The output path and every path the run reads made absolute, so that they name the same mounted places inside
+    the image."""
     return [f"output_dir={Path(cfg.output_dir).absolute()}",
-            *([f"data.path={Path(cfg.data.path).absolute()}"] if local_path(cfg.data.path) else [])]
+            *(f"{key}={path.absolute()}" for key, path in read_paths(cfg).items())]
 
 
 def container_args(args: argparse.Namespace, cfg: Config) -> list[str]:
     """srun's arguments that put each task in the image: pyxis's flags, or apptainer's command before the task's."""
     if not args.container_image:
         return []
-    data = Path(cfg.data.path)
-    mounts = [cfg.output_dir, *([str(data if data.is_dir() else data.parent)] if local_path(cfg.data.path) else [])]
-    mounts = [f"{path}:{path}" for path in dict.fromkeys(mounts)] + (args.container_mounts or "").split(",")
-    mounts = ",".join(mount for mount in mounts if mount)
+    folders = [path if path.is_dir() else path.parent for path in read_paths(cfg).values()]
+    mounts = [f"{path}:{path}" for path in dict.fromkeys(map(str, [cfg.output_dir, *folders]))]
+    mounts = ",".join(mount for mount in mounts + (args.container_mounts or "").split(",") if mount)
     image = str(Path(args.container_image).absolute()) if Path(args.container_image).is_file() else args.container_image
     workdir = args.container_workdir or CONTAINER_WORKDIR
     if args.container_runtime == "pyxis":
@@ -143,29 +174,27 @@ def container_args(args: argparse.Namespace, cfg: Config) -> list[str]:
             image]
 
 
-def slurm_parameters(args: argparse.Namespace, cfg: Config) -> dict:
-    """submitit's SlurmExecutor parameters; the evaluation jobs get one task of the same kind. A task that dies ends
-    the whole job (``--kill-on-bad-exit``) instead of leaving the others blocked in a collective until the time
-    limit."""
+def slurm_parameters(args: argparse.Namespace, cfg: Config) -> tuple[dict, SlurmEvalJobs]:
+    """submitit's SlurmExecutor parameters of the training job, and how its evaluation jobs are written (one task of
+    the same kind). A task that dies ends the whole job (``--kill-on-bad-exit``) instead of leaving the others
+    blocked in a collective until the time limit. ``--requeue``: a site whose jobs are not requeueable by default
+    (``JobRequeue=0``) would refuse the requeue after a preemption's checkpoint."""
     on_gpus = args.gpus_per_node > 0
     container = container_args(args, cfg)
     common = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
-              "exclude": args.exclude, "cpus_per_task": args.cpus_per_task, "stderr_to_stdout": False}
+              "exclude": args.exclude, "cpus_per_task": args.cpus_per_task, "setup": args.setup or None}
     train = {**common, "job_name": args.name or cfg.run_name, "nodes": args.nodes, "time": args.time,
              "ntasks_per_node": args.gpus_per_node if on_gpus else args.tasks_per_node,
-             "gpus_per_node": args.gpus_per_node if on_gpus else None, "mem": args.mem,
-             "signal_delay_s": args.signal_delay, "srun_args": ["--kill-on-bad-exit=1", *container]}
+             "gpus_per_node": args.gpus_per_node if on_gpus else None,
+             "mem": args.mem if args.mem is not None else "0" if on_gpus else None,
+             "exclusive": args.exclusive or None, "signal_delay_s": args.signal_delay, "stderr_to_stdout": False,
+             "setup": [*args.setup, *setup_lines(cfg.run_dir)], "teardown": teardown_lines(cfg.run_dir),
+             "srun_args": ["--kill-on-bad-exit=1", *container], "additional_parameters": {"requeue": True}}
     evaluation = {**common, "job_name": f"{train['job_name']}-eval", "nodes": 1, "ntasks_per_node": 1,
                   "gpus_per_node": 1 if on_gpus else None, "time": args.eval_time, "srun_args": container or None}
-    return {"train": {k: v for k, v in train.items() if v is not None},
-            "eval": {k: v for k, v in evaluation.items() if v is not None}}
-
-
-def _job_in_queue(job_id: str) -> str | None:
-    """The SLURM state of ``job_id`` while it is pending or running, else None."""
-    proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    state = proc.stdout.strip()
-    return state or None
+    python = CONTAINER_PYTHON if args.container_image else sys.executable
+    return ({k: v for k, v in train.items() if v is not None},
+            SlurmEvalJobs(python=python, sbatch={k: v for k, v in evaluation.items() if v is not None}))
 
 
 def batch_split(cfg: Config, world_size: int) -> str:
@@ -182,50 +211,109 @@ class ScriptOnlyExecutor(submitit.SlurmExecutor):
         return 1
 
 
-def check_run(cfg: Config, world_size: int) -> None:
-    """Everything that would make the job fail at start, checked on the submitting machine."""
+class RequeueableExecutor(submitit.SlurmExecutor):
+    """``--requeue`` on sbatch's command line too: there it wins over a site's ``SBATCH_NO_REQUEUE``, which
+    overrides the script's own ``#SBATCH --requeue``."""
+
+    def _make_submission_command(self, submission_file_path: Path) -> list[str]:
+        return ["sbatch", "--requeue", str(submission_file_path)]
+
+
+def check_run(cfg: Config, world_size: int) -> str | None:
+    """Everything about the run directory that would make the job fail or do nothing; returns why nothing needs
+    submitting, for a finished run."""
     cfg.optim.accumulation_steps(world_size)
     id_file = cfg.run_dir / JOB_FOLDER / JOB_ID_FILE  # before the run directory's config: a queued job has none yet
     if id_file.exists() and shutil.which("squeue"):
         job_id = id_file.read_text().strip()
-        state = _job_in_queue(job_id)
-        if state:
-            raise ConfigError(f"job {job_id} ({state}) is already training {cfg.run_dir}; wait for it or "
-                              f"`scancel {job_id}` first (its checkpoint is kept, and this command resumes it)")
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if state.strip():
+            raise NotSubmitted(f"job {job_id} ({state.strip()}) is already training {cfg.run_dir}; wait for it or "
+                               f"`scancel {job_id}` first (its checkpoint is kept, and this command resumes it)")
     if not check_run_dir(cfg):
-        return
+        return None
     tag, skipped = newest_valid_tag(cfg.run_dir)
     check_resumable(cfg.run_dir, tag, skipped, cfg.checkpoint.allow_fresh_start)
+    if tag is not None and checkpoint_meta(cfg.run_dir, tag)["epoch"] >= cfg.optim.epochs:
+        return (f"{cfg.run_dir} already finished its {cfg.optim.epochs} epochs ({checkpoint_root(cfg.run_dir) / tag});"
+                " nothing submitted. To train longer, raise optim.epochs under a new run_name")
+    return None
+
+
+def asks(params: dict) -> str:
+    """What a job asks of each node, as a refusal quotes it."""
+    gpus = f", {params['gpus_per_node']} GPUs" if params.get("gpus_per_node") else ""
+    return (f"{params['ntasks_per_node']} tasks x {params['cpus_per_task']} CPUs{gpus} per node, "
+            f"--mem {params.get('mem', 'default')}")
+
+
+def scheduler_problems(args: argparse.Namespace, scripts: dict[str, str], requests: dict[str, str]) -> list[str]:
+    """What the scheduler says about each job: sbatch --test-only's refusals and time limits above the
+    partition's, each with what the partition offers."""
+    partition = find_partition(args.partition)
+    problems = []
+    for what, limit, note in (("--time", args.time, ": the run is requeued until it is done"),
+                              ("--eval-time", args.eval_time, "")):
+        if partition and partition.max_minutes is not None and limit > partition.max_minutes:
+            problems.append(f"{what} {limit} min is above the {partition.max_minutes} min limit of partition "
+                            f"{partition.name}; the job would wait forever (PartitionTimeLimit). Use {what} "
+                            f"{partition.max_minutes} or less{note}")
+    for job, script in scripts.items():
+        refusal = test_only(script)
+        if refusal:
+            hint = ("; on nodes without GPUs use --gpus-per-node 0 (and --tasks-per-node N)"
+                    if "generic resource" in refusal.lower() else "")
+            offers = f"; {partition.offers()}" if partition else ""
+            problems.append(f"sbatch --test-only refuses the {job} job ({requests[job]}): {refusal}{offers}{hint}")
+    return problems
 
 
 def submit(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, check_files=False)
     if args.container_image:
-        cfg = load_config(args.config, [*overrides, *container_overrides(cfg)])
+        cfg = load_config(args.config, [*overrides, *container_overrides(cfg)], check_files=False)
     world_size = args.nodes * (args.gpus_per_node or args.tasks_per_node)
-    check_run(cfg, world_size)
-    if not args.dry_run and shutil.which("srun") is None:
-        raise ConfigError("no SLURM on this machine (srun is not on PATH): run this command on the cluster's login "
-                          "node (--dry-run prints the job script anywhere), or use launchers/local.py or torchrun")
-    params = slurm_parameters(args, cfg)
+    finished = check_run(cfg, world_size)
+    if finished:
+        print(f"launchers/slurm.py: {finished}")
+        return 0
+    have_slurm = shutil.which("sbatch") is not None
+    if not args.dry_run and not have_slurm:
+        raise NotSubmitted("no SLURM on this machine (sbatch is not on PATH): run this command on the cluster's login "
+                           "node (--dry-run prints the job scripts anywhere), or use launchers/local.py or torchrun")
+    params, eval_jobs = slurm_parameters(args, cfg)
     folder = cfg.run_dir / JOB_FOLDER
-    executor_class = ScriptOnlyExecutor if args.dry_run else submitit.SlurmExecutor
-    executor = executor_class(folder=folder, max_num_timeout=args.max_requeues,
-                              python=CONTAINER_PYTHON if args.container_image else None)
-    executor.update_parameters(**params["train"])
-    job = TrainJob(config=cfg.to_dict(), max_requeues=args.max_requeues, eval_slurm=params["eval"])
+    executor = (ScriptOnlyExecutor if args.dry_run else RequeueableExecutor)(
+        folder=folder, max_num_timeout=args.max_requeues, python=CONTAINER_PYTHON if args.container_image else None)
+    executor.update_parameters(**params)
+    scripts = {"training": executor._make_submission_file_text(
+        f"{executor.python} -u -m submitit.core._submit {folder}", "check")}
+    if cfg.eval.every_epochs:
+        scripts["evaluation"] = eval_job_script(checkpoint_root(cfg.run_dir.absolute()) / "step_N", eval_jobs)
+    requests = {"training": asks(params), "evaluation": asks(eval_jobs.sbatch)}
+    problems = missing_files(cfg) + (scheduler_problems(args, scripts, requests) if have_slurm else [])
     if args.dry_run:
-        command = f"{executor.python} -u -m submitit.core._submit {folder}"
-        print(executor._make_submission_file_text(command, "dry-run"))
+        for job, script in scripts.items():
+            print(f"# ---- the {job} job's sbatch script" + (" (one per evaluated checkpoint, submitted by the "
+                                                            "training job)" if job == "evaluation" else ""))
+            print(script)
         print(f"# dry run: nothing submitted; {world_size} tasks would train {cfg.run_dir}, "
               f"{batch_split(cfg, world_size)}")
+        for problem in problems:
+            print(f"launchers/slurm.py: warning: {problem}", file=sys.stderr)
         return 0
+    if problems:
+        raise NotSubmitted(problems[0] if len(problems) == 1 else
+                           f"{len(problems)} problems:" + "".join(f"\n  - {p}" for p in problems))
+    job = TrainJob(config=cfg.to_dict(), max_requeues=args.max_requeues,
+                   eval_slurm=eval_jobs if cfg.eval.every_epochs else None)
     created = not cfg.run_dir.exists()
     before = set(folder.glob("*")) if folder.exists() else set()
     try:
-        submitted = executor.submit(job)
-    except (FailedJobError, OSError) as err:  # sbatch's refusal, or no sbatch on this machine
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal, which is raised too
+            submitted = executor.submit(job)
+    except (FailedJobError, OSError) as err:
         if created:
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
         else:
@@ -248,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return submit(args)
     except ConfigError as err:
         print(f"launchers/slurm.py: config error: {err}", file=sys.stderr)
+        return 2
+    except NotSubmitted as err:
+        print(f"launchers/slurm.py: not submitted: {err}", file=sys.stderr)
         return 2
 
 

@@ -248,33 +248,53 @@ def find_config(path: str | Path, shipped_folder: Path = SHIPPED_CONFIGS) -> Pat
                       f"the shipped configs: {shipped}")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """The resolved, validated config of a YAML file (with its base chain) plus ``a.b=value`` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """The resolved, validated config of a YAML file (with its base chain) plus ``a.b=value`` overrides.
+    ``check_files``: also refuse files this machine lacks (``missing_files``); a launcher on a login node without the
+    data checks the schema alone and reports the files itself."""
     values = read_chain(find_config(path), Config) if path else {}
     merged = merge(values, override_tree(list(overrides)))
     config = build(Config, merged, "", f"{path or 'defaults'} + overrides" if overrides else str(path or "defaults"))
     validate(config)
+    if check_files:
+        refuse_missing_files(config)
     return config
 
 
-def config_from_dict(values: dict) -> Config:
+def config_from_dict(values: dict, check_files: bool = True) -> Config:
     config = build(Config, values, "", "saved config")
     validate(config)
+    if check_files:
+        refuse_missing_files(config)
     return config
 
 
-def _validate_data_path(cfg: Config) -> None:
-    """What can be checked without opening the data; the loaders check the contents before training starts."""
-    if cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
-        raise ConfigError(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
-                          "<path>/train/<class>/<image> (the ImageNet layout)")
-    if cfg.data.source == "ffcv" and not Path(cfg.data.path).is_file():
-        raise ConfigError(f"data.path={cfg.data.path!r} is not a file; data.source=ffcv reads a .beton written by "
-                          "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
-    if cfg.data.source == "webdataset" and cfg.data.samples_per_epoch < cfg.optim.global_batch:
-        raise ConfigError(f"data.samples_per_epoch={cfg.data.samples_per_epoch}: a webdataset stream needs the epoch "
-                          f"size, at least one global batch ({cfg.optim.global_batch}); e.g. the number of samples in "
-                          "the shards")
+def missing_files(cfg: Config) -> list[str]:
+    """Every file or folder the run reads that is not on this machine, each with what to do; the loaders check the
+    contents before training starts."""
+    problems = []
+    if cfg.target.kind == "beit":
+        try:
+            check_tokenizer_file(cfg.target.tokenizer_path, cfg.target.trust_pickle)
+        except TokenizerWeightsError as err:
+            problems.append(str(err))
+    if not cfg.data.demo and cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
+        problems.append(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
+                        "<path>/train/<class>/<image> (the ImageNet layout)")
+    if not cfg.data.demo and cfg.data.source == "ffcv" and not Path(cfg.data.path).is_file():
+        problems.append(f"data.path={cfg.data.path!r} is not a file; data.source=ffcv reads a .beton written by "
+                        "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
+    if cfg.eval.config_dir is not None and not Path(cfg.eval.config_dir).is_dir():
+        problems.append(f"eval.config_dir={cfg.eval.config_dir}: no such folder; point it at a folder of "
+                        "<protocol>.yaml files such as configs/eval, or leave it unset")
+    return problems
+
+
+def refuse_missing_files(cfg: Config) -> None:
+    problems = missing_files(cfg)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else
+                          f"{len(problems)} problems: " + "".join(f"\n  - {p}" for p in problems))
 
 
 def validate(cfg: Config) -> None:
@@ -302,14 +322,9 @@ def validate(cfg: Config) -> None:
         build_mask_generator(cfg.mask.kind, image_grid(cfg.model.img_size, cfg.model.patch_size), cfg.mask.ratio)
     except ValueError as err:
         raise ConfigError(f"mask.kind={cfg.mask.kind}, mask.ratio={cfg.mask.ratio}: {err}") from err
-    if cfg.target.kind == "beit":
-        try:
-            check_tokenizer_file(cfg.target.tokenizer_path, cfg.target.trust_pickle)
-        except TokenizerWeightsError as err:
-            raise ConfigError(str(err)) from err
-        if cfg.model.patch_size != 16:
-            raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the DALL-E tokenizer gives one code per 8 px "
-                              "of the half-size view, i.e. per 16 px patch; use patch_size 16 with target.kind=beit")
+    if cfg.target.kind == "beit" and cfg.model.patch_size != 16:
+        raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the DALL-E tokenizer gives one code per 8 px "
+                          "of the half-size view, i.e. per 16 px patch; use patch_size 16 with target.kind=beit")
     if cfg.target.kind == "maskfeat" and cfg.model.patch_size % 8:
         raise ConfigError(f"model.patch_size={cfg.model.patch_size}: the HOG target needs a multiple of 8")
     optim = cfg.optim
@@ -334,9 +349,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.overlap_comm=true with engine.zero_stage={cfg.engine.zero_stage}: it applies to "
                           "ZeRO 1 and 2 (ZeRO 3 always overlaps; ZeRO 0 reduces after the backward); set zero_stage "
                           "1 or 2, or drop overlap_comm")
-    if not cfg.data.demo:
-        _validate_data_path(cfg)
-    elif Path(cfg.data.path).suffix in (".beton", ".tar") or "{" in cfg.data.path or Path(cfg.data.path).is_file():
+    if not cfg.data.demo and cfg.data.source == "webdataset" and cfg.data.samples_per_epoch < cfg.optim.global_batch:
+        raise ConfigError(f"data.samples_per_epoch={cfg.data.samples_per_epoch}: a webdataset stream needs the epoch "
+                          f"size, at least one global batch ({cfg.optim.global_batch}); e.g. the number of samples in "
+                          "the shards")
+    looks_like_data = Path(cfg.data.path).suffix in (".beton", ".tar") or "{" in cfg.data.path
+    if cfg.data.demo and (looks_like_data or Path(cfg.data.path).is_file()):
         raise ConfigError(f"data.path={cfg.data.path!r} looks like your own data, but data.demo=true would build the "
                           "demo set there; set data.demo=false to read it")
     if cfg.data.shuffle_buffer < 1:
@@ -351,9 +369,6 @@ def validate(cfg: Config) -> None:
     unknown = [name for name in cfg.eval.protocols if name not in JOB_PROTOCOLS]
     if unknown or not cfg.eval.protocols or len(set(cfg.eval.protocols)) < len(cfg.eval.protocols):
         raise ConfigError(f"eval.protocols={list(cfg.eval.protocols)}: list each once, from {', '.join(JOB_PROTOCOLS)}")
-    if cfg.eval.config_dir is not None and not Path(cfg.eval.config_dir).is_dir():
-        raise ConfigError(f"eval.config_dir={cfg.eval.config_dir}: no such folder; point it at a folder of "
-                          "<protocol>.yaml files such as configs/eval, or leave it unset")
     if cfg.eval.every_epochs < 0 or cfg.eval.every_epochs % cfg.checkpoint.every_epochs:
         raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs}: evaluations run on checkpoints, so it must be 0 "
                           f"(none) or a multiple of checkpoint.every_epochs={cfg.checkpoint.every_epochs}")

@@ -8,6 +8,7 @@ Re-running the same command resumes the run from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import torch
@@ -22,7 +23,7 @@ from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteLossError
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
 from smim_dist.engine.stop_signals import StopSignals
-from smim_dist.eval.jobs import pending_evals, submit_eval
+from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval
 from smim_dist.logging import RunLogger, check_wandb_credentials
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target
@@ -51,7 +52,7 @@ def resume_tag(cfg: Config, dist_info: DistInfo) -> tuple[str | None, list[str]]
 
 
 def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainState, logger: RunLogger,
-                      eval_slurm: dict | None) -> None:
+                      eval_slurm: SlurmEvalJobs | None) -> None:
     """Checkpoint; then rank 0 starts the evaluation job due at this epoch and applies retention, which keeps the
     checkpoints whose evaluation has not finished."""
     path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
@@ -68,9 +69,10 @@ def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainStat
                       keep=pending_evals(cfg.run_dir, cfg.eval.protocols))
 
 
-def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False, eval_slurm: dict | None = None) -> TrainState:
+def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False,
+          eval_slurm: SlurmEvalJobs | None = None) -> TrainState:
     """Build everything for this rank and train until the configured epochs are done or a stop is requested.
-    ``eval_slurm``: submitit parameters for evaluation jobs under SLURM; without them they are local processes."""
+    ``eval_slurm``: how to write evaluation jobs under SLURM; without it they are local processes."""
     check_precision(cfg.engine.precision, dist_info.device)
     set_fp32_precision(cfg.engine.tf32)
     resuming = check_run_dir(cfg)
@@ -142,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if state.epoch >= cfg.optim.epochs:
         return 0
+    received = stop_signal_of_any_rank(stop, dist_info)
+    return 128 + received if received else 0
+
+
+def stop_signal_of_any_rank(stop: StopSignals, dist_info: DistInfo) -> signal.Signals | None:
+    """The stop signal, the same on every rank, though it may have reached only some of them."""
     received = torch.tensor([int(stop.received or 0)], device=dist_info.device)
     torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
-    return 128 + int(received.item()) if received.item() else 0
+    return signal.Signals(int(received.item())) if received.item() else None
 
 
 if __name__ == "__main__":

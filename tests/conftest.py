@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "model.size=micro", "model.img_size=32", "model.patch_size=8", "model.num_proxy=4", "model.drop_path=0.0",
     "data.demo_images=64", "data.num_workers=0", "optim.global_batch=16", "optim.micro_batch=8", "optim.epochs=2",
-    "optim.warmup_epochs=1", "log.every_steps=1", "log.progress=false", "log.wandb_mode=disabled",
-    "engine.precision=fp32",
+    "optim.warmup_epochs=1", "log.every_steps=1", "log.progress=false", "engine.precision=fp32",
 ]
+"""Sizes shrunk to seconds of training; wandb stays at its default (offline). The progress bar is off so that the
+captured logs hold whole lines; the journey tests (tests/test_journeys.py) run it as shipped."""
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +67,29 @@ def train_cli(nproc: int, config: str, overrides: list[str], **kw) -> subprocess
 def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[metric] for r in records}
+
+
+def wandb_offline_history(folder: Path) -> list[dict]:
+    """The rows logged to each offline wandb run under ``folder`` (its ``wandb/offline-run-*/run-*.wandb`` files),
+    read from wandb's record log (LevelDB's log format: 32 KiB blocks of checksum, length, type + a protobuf)."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        data, position, pending = path.read_bytes(), 7, b""
+        while position + 7 <= len(data):
+            if 32768 - position % 32768 < 7:
+                position += 32768 - position % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+            pending += data[position + 7:position + 7 + length]
+            position += 7 + length
+            if kind not in (1, 4):  # FIRST or MIDDLE part of a record
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

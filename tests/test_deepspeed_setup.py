@@ -153,7 +153,7 @@ def test_the_loop_adds_no_host_read_to_the_engines_steps(process_group, tmp_path
     check."""
     cfg = micro_config("fp32", zero_stage=1, accumulation=2)
     cfg.output_dir, cfg.log.every_steps, cfg.engine.check_every_steps = str(tmp_path), 1000, 1000
-    cfg.log.wandb_mode, cfg.log.progress = "disabled", False
+    cfg.log.wandb_mode, cfg.log.progress = "disabled", False  # only the loop's reads are counted here
     cfg.target.kind = "pixels"
     cfg.run_dir.mkdir(parents=True)
     target = build_target(cfg)

@@ -6,19 +6,22 @@ import time
 
 import pytest
 
-from conftest import losses, tiny_overrides, train_cli
+from conftest import losses, tiny_overrides, train_cli, wandb_offline_history
 from smim_dist.config import ConfigError, load_config
 from smim_dist.eval.jobs import pending_evals, submit_eval, wandb_metrics
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
 
-def wait_for(path, protocols, timeout=300):
+def wait_for_job(folder, timeout=300):
+    """The job's results once it has ended (``finished.json``), after checking that it ended well."""
     deadline = time.monotonic() + timeout
-    while not (path.exists() and set(protocols) <= set(json.loads(path.read_text())["protocols"])):
-        assert time.monotonic() < deadline, f"{path} did not hold {protocols} in {timeout} s"
+    while not (folder / "finished.json").exists():
+        assert time.monotonic() < deadline, f"the evaluation job of {folder} did not end in {timeout} s"
         time.sleep(0.5)
-    return json.loads(path.read_text())
+    finished = json.loads((folder / "finished.json").read_text())
+    assert finished["ok"], f"{finished}\n{(folder / 'log.txt').read_text()[-3000:]}"
+    return json.loads((folder / "results.json").read_text())
 
 
 def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configured_protocols(tmp_path, demo_data):
@@ -27,8 +30,8 @@ def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configure
     (options / "knn.yaml").write_text("k: 5\n")
     (options / "attention.yaml").write_text("images: 4\nlayer: 1\n")
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=evaluated", "checkpoint.every_epochs=1",
-                               "checkpoint.keep_last=1", "eval.every_epochs=1", "log.wandb_mode=offline",
-                               "eval.protocols=[knn,attention]", f"eval.config_dir={options}")
+                               "checkpoint.keep_last=1", "eval.every_epochs=1", "eval.protocols=[knn,attention]",
+                               f"eval.config_dir={options}")
     proc = train_cli(1, TINY_CONFIG, overrides)
     run = tmp_path / "evaluated"
     assert len(losses(run)) == 8, "training did not wait for the evaluations"
@@ -36,17 +39,18 @@ def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configure
         assert f"evaluation of {tag} started" in proc.stderr
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
         assert submitted["pid"] > 0
-        results = wait_for(run / "eval" / tag / "results.json", ("knn", "attention"))
+        results = wait_for_job(run / "eval" / tag)
         knn, attention = results["protocols"]["knn"], results["protocols"]["attention"]
         assert results["tag"] == tag and knn["k"] == 5 and (attention["images"], attention["layer"]) == (4, 1)
         for feature in ("cls", "patch"):
             assert 0 <= knn[feature]["top1"] <= knn[feature]["top5"] <= 1
-    assert list((run / "eval" / "step_00000004" / "wandb").glob("offline-run-*")), "results logged to wandb"
+        logged = wandb_offline_history(run / "eval" / tag)
+        assert [row["eval/knn_cls_top1"] for row in logged] == [knn["cls"]["top1"]], "scores in the offline wandb run"
     assert pending_evals(run, ("knn", "attention")) == set()
     assert pending_evals(run, ("knn", "linear")) == {"step_00000004", "step_00000008"}
     cfg = load_config(TINY_CONFIG, overrides)
     again = submit_eval(cfg, "step_00000004", eval_slurm=None)
-    assert "was submitted before" in again and "not submitted again" in again
+    assert "was started before" in again and "not started again" in again
 
 
 def test_an_evaluation_that_cannot_start_never_stops_training(tmp_path, demo_data):

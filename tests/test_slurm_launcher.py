@@ -75,7 +75,7 @@ def test_without_slurm_only_the_dry_run_works(tmp_path, monkeypatch):
     args = ["--config", TINY_CONFIG, "--output-dir", str(tmp_path / "runs")]
     assert "#SBATCH --nodes=1" in launch(*args, "--dry-run", check=True).stdout
     proc = launch(*args)
-    assert proc.returncode == 2 and "no SLURM on this machine (srun is not on PATH)" in proc.stderr
+    assert proc.returncode == 2 and "no SLURM on this machine (sbatch is not on PATH)" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -165,9 +165,9 @@ def container_paths(tmp_path):
 
 def test_pyxis_runs_every_task_in_the_image_with_the_run_and_data_mounted(tmp_path):
     mounts, overrides = container_paths(tmp_path)
-    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--container-image", "docker://ghcr.io/me/smim:1",
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--container-image", "docker://ghcr.io#me/smim:1",
                   "--container-mounts", "/scratch:/scratch", "--dry-run", *overrides, check=True)
-    assert (f"--kill-on-bad-exit=1 --container-image=docker://ghcr.io/me/smim:1 --container-mounts={mounts},"
+    assert (f"--kill-on-bad-exit=1 '--container-image=docker://ghcr.io#me/smim:1' --container-mounts={mounts},"
             "/scratch:/scratch --container-workdir=/opt/smim_dist /opt/smim_dist/docker/entrypoint.sh python -u -m "
             f"submitit.core._submit {tmp_path}/runs/demo_cpu/slurm" in proc.stdout), proc.stdout
 

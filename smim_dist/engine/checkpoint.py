@@ -146,12 +146,17 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every_epochs: int, kee
     tags = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / META).exists())
     deleted = []
     for tag in tags[: max(len(tags) - keep_last, 0)]:
-        meta = json.loads((root / tag / META).read_text())
+        meta = checkpoint_meta(run_dir, tag)
         milestone = keep_every_epochs > 0 and meta["batch_in_epoch"] == 0 and meta["epoch"] % keep_every_epochs == 0
         if tag != latest and not milestone and tag not in keep:
             shutil.rmtree(root / tag)
             deleted.append(tag)
     return deleted
+
+
+def checkpoint_meta(run_dir: Path, tag: str) -> dict:
+    """epoch, step, batch_in_epoch, world_size, ... of a checkpoint, read without loading it"""
+    return json.loads((checkpoint_root(run_dir) / tag / META).read_text())
 
 
 def latest_tag(run_dir: Path) -> str | None:

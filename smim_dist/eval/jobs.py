@@ -1,10 +1,12 @@
-"""Evaluation jobs that run beside training: one per evaluated checkpoint, submitted by rank 0 and never waited for.
+"""Evaluation jobs that run beside training: one per evaluated checkpoint, started by rank 0 and never waited for.
 
-Under SLURM the job is a one-task submitit job with the training job's partition and account; anywhere else it is a
-background process in its own session. A marker, ``eval/<tag>/submitted.json``, is written before training goes on,
-so a requeued training job never submits the same evaluation twice, whether it finished, failed or still runs. The
-job runs the run's ``eval.protocols`` (kNN by default) through ``smim-eval``, each storing its entry in
-``eval/<tag>/results.json``, and logs the numbers to the run's wandb group.
+Outside SLURM the job is a background process in its own session (``eval/<tag>/submitted.json`` names its pid).
+Under SLURM rank 0 writes the job's batch script, ``eval/<tag>/job.sbatch``, and the training job's batch shell
+submits it (``smim_dist.slurm_batch``): that shell runs on the host, so a task inside a container needs no SLURM
+client. Either marker, written before training goes on, keeps a requeued training job from starting the same
+evaluation twice, whether it finished, failed or still runs. The job runs the run's ``eval.protocols`` (kNN by
+default) through ``smim-eval``, each storing its entry in ``eval/<tag>/results.json``, logs the numbers to the run's
+wandb group, and records how it ended in ``eval/<tag>/finished.json``.
 
     python -m smim_dist.eval.jobs runs/beit_proxy/checkpoints/step_00150000   # what each job runs
 """
@@ -13,22 +15,31 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import submitit
-import wandb
 import yaml
+from submitit.slurm.slurm import _make_sbatch_string
 
 from smim_dist.config import Config
-from smim_dist.engine.checkpoint import checkpoint_root
+from smim_dist.engine.checkpoint import checkpoint_root, write_atomic
 from smim_dist.engine.run_dir import CONFIG_FILE
 from smim_dist.eval.results import read_results
 
 SUBMITTED = "submitted.json"
+"""written when the job was started: its pid, or its SLURM job id"""
+SBATCH_SCRIPT = "job.sbatch"
+"""under SLURM: the job's batch script, waiting for the training job's batch shell to submit it"""
+REFUSED = "job.sbatch.refused"
+"""the batch script sbatch refused (its message is in the training job's log)"""
+FINISHED = "finished.json"
+"""written by the job as it ends: ok, the protocols that failed, the error"""
 SCORES = ("top1", "top5", "miou", "pixel_acc")
 
 
@@ -37,39 +48,55 @@ def eval_dir(run_dir: Path, tag: str) -> Path:
 
 
 def pending_evals(run_dir: Path, protocols: Sequence[str]) -> set[str]:
-    """Tags whose evaluation was submitted and has not stored every one of ``protocols`` yet: retention keeps their
+    """Tags whose evaluation was started and has not stored every one of ``protocols`` yet: retention keeps their
     checkpoints."""
     root = run_dir / "eval"
     if not root.is_dir():
         return set()
     return {p.name for p in root.iterdir()
-            if (p / SUBMITTED).exists() and not set(protocols) <= set(read_results(p)["protocols"])}
+            if ((p / SUBMITTED).exists() or (p / SBATCH_SCRIPT).exists())
+            and not set(protocols) <= set(read_results(p)["protocols"])}
 
 
-def submit_eval(cfg: Config, tag: str, eval_slurm: dict | None) -> str:
+@dataclass(frozen=True)
+class SlurmEvalJobs:
+    """How the evaluation jobs of a SLURM training job are written: the python that runs ``smim_dist.eval.jobs``
+    (the image's, in a container) and submitit's sbatch parameters (partition, time, GPUs, setup lines, srun's
+    container arguments)."""
+
+    python: str
+    sbatch: dict
+
+
+def eval_job_script(checkpoint: Path, slurm: SlurmEvalJobs) -> str:
+    """One task, stdout and stderr in one log, ``eval/<tag>/<job id>_0_log.out``."""
+    folder = eval_dir(checkpoint.parent.parent, checkpoint.name)
+    command = f"{slurm.python} -u -m smim_dist.eval.jobs {shlex.quote(str(checkpoint))}"
+    return _make_sbatch_string(command=command, folder=folder, stderr_to_stdout=True, **slurm.sbatch)
+
+
+def submit_eval(cfg: Config, tag: str, eval_slurm: SlurmEvalJobs | None) -> str:
     """Start the evaluation of checkpoint ``tag`` unless it was started before; returns a line for the training log.
     Any failure to start it is reported in that line and never reaches training."""
     folder = eval_dir(cfg.run_dir, tag)
-    if (folder / SUBMITTED).exists():
-        return f"evaluation of {tag} was submitted before ({folder / SUBMITTED}); not submitted again"
-    checkpoint = checkpoint_root(cfg.run_dir) / tag
+    for marker in (SUBMITTED, SBATCH_SCRIPT, REFUSED):
+        if (folder / marker).exists():
+            return f"evaluation of {tag} was started before ({folder / marker}); not started again"
+    checkpoint = (checkpoint_root(cfg.run_dir) / tag).absolute()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if eval_slurm is not None:
-            executor = submitit.SlurmExecutor(folder=folder / "slurm")
-            executor.update_parameters(**eval_slurm)
-            with submitit.helpers.clean_env():  # the training job's SLURM_* variables must not shape this job
-                job = executor.submit(evaluate, checkpoint)
-            where = {"slurm_job": job.job_id, "log": str(folder / "slurm" / f"{job.job_id}_0_log.out")}
-        else:
-            log = (folder / "log.txt").open("ab")
-            process = subprocess.Popen([sys.executable, "-m", "smim_dist.eval.jobs", str(checkpoint)],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            log.close()
-            where = {"pid": process.pid, "log": str(folder / "log.txt")}
+            write_atomic(folder / SBATCH_SCRIPT, eval_job_script(checkpoint, eval_slurm))
+            return (f"evaluation of {tag} requested: the job's batch shell submits {folder / SBATCH_SCRIPT} "
+                    f"(job id in {folder / SUBMITTED}, log {folder}/<job id>_0_log.out)")
+        log = (folder / "log.txt").open("ab")
+        process = subprocess.Popen([sys.executable, "-m", "smim_dist.eval.jobs", str(checkpoint)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        log.close()
     except Exception as err:  # an evaluation must never stop training
         return f"evaluation of {tag} could not be started ({type(err).__name__}: {err}); training goes on"
+    where = {"pid": process.pid, "log": str(folder / "log.txt")}
     (folder / SUBMITTED).write_text(json.dumps({"tag": tag, "time": time.time(), **where}) + "\n")
     return f"evaluation of {tag} started: {where}"
 
@@ -109,9 +136,13 @@ def wandb_metrics(results: dict) -> dict[str, float]:
 
 
 def _log_to_wandb(run_dir: Path, tag: str, results: dict) -> None:
+    import wandb
+
     log_cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())["log"]
     if log_cfg["wandb_mode"] == "disabled":
         return
+    # a job started from the training process inherits its wandb service address, which this process cannot use
+    os.environ.pop(wandb.env.SERVICE, None)
     metrics = wandb_metrics(results)
     run = wandb.init(project=log_cfg["wandb_project"], entity=log_cfg["wandb_entity"],
                      group=log_cfg["wandb_group"] or run_dir.name, name=f"{run_dir.name}-eval-{tag}",
@@ -121,5 +152,19 @@ def _log_to_wandb(run_dir: Path, tag: str, results: dict) -> None:
     run.finish()
 
 
+def main(checkpoint: Path) -> int:
+    """Runs the job and records how it ended, for a local job whose exit status nobody waits for."""
+    folder = eval_dir(checkpoint.parent.parent, checkpoint.name)
+    try:
+        print(json.dumps(evaluate(checkpoint), indent=1))
+    except Exception as err:
+        traceback.print_exc()
+        write_atomic(folder / FINISHED, json.dumps({"ok": False, "error": f"{type(err).__name__}: {err}",
+                                                    "time": time.time()}) + "\n")
+        return 1
+    write_atomic(folder / FINISHED, json.dumps({"ok": True, "time": time.time()}) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(evaluate(Path(sys.argv[1])), indent=1))
+    sys.exit(main(Path(sys.argv[1])))

@@ -122,7 +122,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=2
 MpiDefault=none
 MailProg=/bin/true
-JobRequeue=1
+JobRequeue=0
 ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
@@ -137,6 +137,7 @@ AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/linux
 $NODELINE
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=ALL MaxTime=10 State=UP
 EOF
 # RealMemory drifts with MemAvailable: a change of the NodeName line alone restarts nothing
 running=0; { alive "$RUN/slurmctld.pid" slurmctld || alive "$RUN/slurmd.pid" slurmd; } && running=1

@@ -84,7 +84,10 @@ def uninterrupted(tmp_path_factory, demo_data):
 
 
 def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm_cluster, tmp_path, demo_data,
-                                                                           uninterrupted):
+                                                                           uninterrupted, monkeypatch):
+    """SBATCH_NO_REQUEUE=1, as a site whose jobs are not requeueable by default may set it: the job asks for its
+    requeue on sbatch's command line, which wins (the cluster itself runs with JobRequeue=0)."""
+    monkeypatch.setenv("SBATCH_NO_REQUEUE", "1")
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=preempted", *RUN)
     job_id = submit("--config", CONFIG, *TWO_CPU_TASKS, "--time", "30", *overrides)
     run = tmp_path / "preempted"
@@ -96,6 +99,9 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm
     stopped = int(re.search(r"stopped at step (\d+) on request", log)[1])
     assert 5 <= stopped < 24
     assert f"resumed from step_{stopped:08d}" in log
+    task1 = (run / "slurm" / f"{job_id}_1_log.out").read_text()
+    assert task1.count("Starting with JobEnvironment") == 2
+    assert task1.count("Job completed successfully") == 1, "task 1's preempted attempt is not reported as completed"
     assert losses(run) == pytest.approx(losses(uninterrupted), rel=1e-6)
     assert_same_weights(final_weights(run), final_weights(uninterrupted))
 
@@ -169,21 +175,23 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
     # in this process, whose imports are done, so it runs while the job is still queued or starting, before the job
     # has written the run's config: a queued job must be refused too
     twice = launch("--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug", *overrides)
-    assert twice.returncode == 2 and f"job {job_id} (" in twice.stderr and "is already training" in twice.stderr
+    assert twice.returncode == 2 and f"not submitted: job {job_id} (" in twice.stderr
+    assert "is already training" in twice.stderr and "config error" not in twice.stderr
     wait_until_gone(job_id, slurm_cluster, timeout=300)
     for tag in ("step_00000004", "step_00000008"):
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
         wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=300)
         results = json.loads((run / "eval" / tag / "results.json").read_text())
         assert results["tag"] == tag and 0 <= results["protocols"]["knn"]["cls"]["top1"] <= 1, results
-    assert "evaluation of step_00000004 started" in rank0_log(run, job_id)
+    assert "evaluation of step_00000004 requested" in rank0_log(run, job_id)
 
 
 def test_a_partition_the_cluster_rejects_is_reported_and_nothing_is_left(slurm_cluster, tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=rejected")
     proc = run_cli(["launchers/slurm.py", "--config", CONFIG, "--gpus-per-node", "0", "--partition", "nope",
                     "--time", "5", *overrides], check=False)
-    assert proc.returncode == 1
-    assert "sbatch refused the job, nothing was submitted" in proc.stderr and "invalid partition" in proc.stderr.lower()
+    assert proc.returncode == 2
+    assert "not submitted: sbatch --test-only refuses the training job" in proc.stderr
+    assert "invalid partition" in proc.stderr.lower()
     assert not (tmp_path / "rejected").exists()
     assert "rejected" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
