@@ -203,17 +203,14 @@ def batch_split(cfg: Config, world_size: int) -> str:
             f"{optim.accumulation_steps(world_size)} accumulation x {world_size}")
 
 
-class ScriptOnlyExecutor(submitit.SlurmExecutor):
-    """Writes the job script on any machine, for ``--dry-run`` (submitit's executor refuses to exist without srun)."""
+class TrainingExecutor(submitit.SlurmExecutor):
+    """submitit's executor, able to write the job script on any machine (for ``--dry-run``: submitit's own refuses to
+    exist without srun; a real submission checks for sbatch first), and with ``--requeue`` on sbatch's command line
+    too: there it wins over a site's ``SBATCH_NO_REQUEUE``, which overrides the script's ``#SBATCH --requeue``."""
 
     @classmethod
     def affinity(cls) -> int:
         return 1
-
-
-class RequeueableExecutor(submitit.SlurmExecutor):
-    """``--requeue`` on sbatch's command line too: there it wins over a site's ``SBATCH_NO_REQUEUE``, which
-    overrides the script's own ``#SBATCH --requeue``."""
 
     def _make_submission_command(self, submission_file_path: Path) -> list[str]:
         return ["sbatch", "--requeue", str(submission_file_path)]
@@ -278,21 +275,22 @@ def submit(args: argparse.Namespace) -> int:
     if finished:
         print(f"launchers/slurm.py: {finished}")
         return 0
-    have_slurm = shutil.which("sbatch") is not None
-    if not args.dry_run and not have_slurm:
-        raise NotSubmitted("no SLURM on this machine (sbatch is not on PATH): run this command on the cluster's login "
-                           "node (--dry-run prints the job scripts anywhere), or use launchers/local.py or torchrun")
     params, eval_jobs = slurm_parameters(args, cfg)
     folder = cfg.run_dir / JOB_FOLDER
-    executor = (ScriptOnlyExecutor if args.dry_run else RequeueableExecutor)(
-        folder=folder, max_num_timeout=args.max_requeues, python=CONTAINER_PYTHON if args.container_image else None)
+    executor = TrainingExecutor(folder=folder, max_num_timeout=args.max_requeues,
+                                python=CONTAINER_PYTHON if args.container_image else None)
     executor.update_parameters(**params)
     scripts = {"training": executor._make_submission_file_text(
         f"{executor.python} -u -m submitit.core._submit {folder}", "check")}
     if cfg.eval.every_epochs:
         scripts["evaluation"] = eval_job_script(checkpoint_root(cfg.run_dir.absolute()) / "step_N", eval_jobs)
     requests = {"training": asks(params), "evaluation": asks(eval_jobs.sbatch)}
-    problems = missing_files(cfg) + (scheduler_problems(args, scripts, requests) if have_slurm else [])
+    if shutil.which("sbatch"):
+        problems = missing_files(cfg) + scheduler_problems(args, scripts, requests)
+    else:
+        problems = missing_files(cfg) + ([] if args.dry_run else [
+            "no SLURM on this machine (sbatch is not on PATH): run this command on the cluster's login node "
+            "(--dry-run prints the job scripts anywhere), or use launchers/local.py or torchrun"])
     if args.dry_run:
         for job, script in scripts.items():
             print(f"# ---- the {job} job's sbatch script" + (" (one per evaluated checkpoint, submitted by the "

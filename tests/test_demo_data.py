@@ -137,3 +137,17 @@ def test_losing_the_race_keeps_the_winner(tmp_path, monkeypatch):
     assert ensure_demo_dataset(root, **SMALL) == root
     assert _tree(root) == _tree(ensure_demo_dataset(tmp_path / "reference", **SMALL))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "reference"]
+
+
+def test_a_build_killed_midway_leaves_nothing_once_the_next_one_runs(tmp_path):
+    root = tmp_path / "demo"
+    builder = multiprocessing.get_context("spawn").Process(
+        target=ensure_demo_dataset, args=(root,), kwargs=SMALL | dict(num_train=6000))
+    builder.start()
+    while not list(tmp_path.glob(".demo.tmp-*/train")):
+        assert builder.is_alive(), "the build ended before it could be killed"
+    builder.kill()
+    builder.join()
+    assert list(tmp_path.glob(".demo.tmp-*")), "the killed build left its private tree"
+    ensure_demo_dataset(root, **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

@@ -190,7 +190,73 @@ def test_apptainer_wraps_every_task_in_apptainer_exec(tmp_path):
      "--container-image missing.sif: no such file; apptainer runs a local .sif image"),
     (["--container-image", "img", "--container-mounts", "data:/data"], "'data:/data' is not SRC[:DST[:FLAGS]]"),
     (["--container-image", "img", "--container-workdir", "work"], "--container-workdir work: give an absolute path"),
+    (["--container-image", "docker://ghcr.io/me/smim:1"], "separates the registry with '#'"),
+    (["--container-image", "nvcr.io/me/smim:1"], "write docker://nvcr.io#me/smim:1"),
 ])
 def test_bad_container_options_are_refused(args, message):
     proc = launch("--config", TINY_CONFIG, *args, "--dry-run")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+HEADLINE = ["--nodes", "8", "--gpus-per-node", "8", "--config", "beit_proxy.yaml"]
+"""the README's command, on a machine without the paper's data and tokenizer weights"""
+
+
+def test_the_headline_dry_run_prints_the_job_and_warns_of_every_missing_file_at_once():
+    proc = launch(*HEADLINE, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=8\n" in proc.stdout and "#SBATCH --gpus-per-node=8\n" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("launchers/slurm.py: warning: ")]
+    assert any("target.tokenizer_path is empty" in line for line in warnings), proc.stderr
+    assert any("data.path='/datasets/ffcv/in1k_train.beton' is not a file" in line for line in warnings), proc.stderr
+
+
+def test_a_real_submission_refuses_every_missing_file_at_once():
+    proc = launch(*HEADLINE)
+    assert proc.returncode == 2 and "not submitted: " in proc.stderr
+    assert "target.tokenizer_path is empty" in proc.stderr and "in1k_train.beton' is not a file" in proc.stderr
+
+
+def scripts(stdout: str) -> tuple[str, str]:
+    training, _, evaluation = stdout.partition("# ---- the evaluation job's sbatch script")
+    return training, evaluation
+
+
+def test_gpu_jobs_hold_the_node_and_run_the_setup_lines_before_their_tasks(tmp_path):
+    proc = launch("--config", TINY_CONFIG, "--nodes", "2", "--exclusive", "--setup", "module load cuda/12.4",
+                  "--setup", "export NCCL_SOCKET_IFNAME=ib0", "--eval-time", "45", "--dry-run",
+                  f"output_dir={tmp_path}", "eval.every_epochs=4", check=True)
+    training, evaluation = scripts(proc.stdout)
+    for line in ("--mem=0", "--exclusive", "--requeue", "--gpus-per-node=8", "--nodes=2"):
+        assert f"#SBATCH {line}\n" in training, line
+    for script in (training, evaluation):
+        setup = script.index("\nmodule load cuda/12.4\nexport NCCL_SOCKET_IFNAME=ib0\n")
+        assert setup < script.index("\nsrun ")
+    for line in ("--gpus-per-node=1", "--ntasks-per-node=1", "--nodes=1", "--time=45", "--job-name=demo_cpu-eval"):
+        assert f"#SBATCH {line}\n" in evaluation, line
+    assert "--exclusive" not in evaluation and "--mem=" not in evaluation and "--requeue" not in evaluation
+    assert f"-m smim_dist.eval.jobs {tmp_path.absolute()}/demo_cpu/checkpoints/step_N" in evaluation
+    cpu = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--dry-run", f"output_dir={tmp_path}", check=True)
+    assert "--mem" not in cpu.stdout, "CPU nodes keep the partition's default memory"
+
+
+def test_every_file_the_config_reads_is_mounted_into_the_container(tmp_path):
+    mounts, overrides = container_paths(tmp_path)
+    weights, options = tmp_path / "weights", tmp_path / "eval_options"
+    weights.mkdir()
+    options.mkdir()
+    (weights / "encoder.pt").write_bytes(b"")
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", "--cpus-per-task", "1", "--container-image",
+                  "docker://me/smim:1",
+                  "--dry-run", *overrides, "model.patch_size=16", "target.kind=beit",
+                  f"target.tokenizer_path={weights / 'encoder.pt'}", f"eval.config_dir={options}", check=True)
+    assert f"--container-mounts={mounts},{weights}:{weights},{options}:{options} " in proc.stdout, proc.stdout
+    assert "warning" not in proc.stderr
+
+
+def test_a_finished_run_submits_nothing(tiny_run, demo_data):
+    overrides = tiny_overrides(tiny_run.parent, demo_data, "run_name=tiny", "optim.epochs=1")
+    before = sorted(tiny_run.rglob("*"))
+    proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", *overrides, check=True)
+    assert f"{tiny_run} already finished its 1 epochs" in proc.stdout and "nothing submitted" in proc.stdout
+    assert sorted(tiny_run.rglob("*")) == before

@@ -5,6 +5,8 @@ index) and start at any micro-batch of an epoch."""
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samples
-from smim_dist.data.demo import SHARD_PATTERN, ensure_demo_dataset
+from smim_dist.data.demo import MANIFEST, SHARD_PATTERN, ensure_demo_dataset
 from smim_dist.data.sampler import ResumableDistributedSampler
 from smim_dist.data.shards import ShardEpochs
 
@@ -49,9 +51,19 @@ class ImageListDataset(Dataset):
 
 
 def prepare_demo_data(cfg: Config) -> Path:
-    """Generate the demo set on first use (safe when several ranks race to do it)."""
-    return ensure_demo_dataset(cfg.data.path, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
-                               size=DEMO_IMAGE_SIZE, seed=0)
+    """Generate the demo set on first use (safe when several ranks race to do it), saying so: it takes a while."""
+    root = Path(cfg.data.path)
+    building = not (root / MANIFEST).exists()
+    if building:
+        print(f"building the demo data set in {root}, once: {cfg.data.demo_images} training images of "
+              f"{DEMO_IMAGE_SIZE} px as image files, an FFCV file and webdataset shards ...", file=sys.stderr,
+              flush=True)
+    start = time.monotonic()
+    ensure_demo_dataset(root, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
+                        size=DEMO_IMAGE_SIZE, seed=0)
+    if building:
+        print(f"built the demo data set in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    return root
 
 
 def resolve_data(cfg: Config) -> Config:
