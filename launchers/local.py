@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "they are killed (default 120)")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=1e-3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     given = {dest: f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in ENVIRONMENT
              if getattr(args, dest) is not None}
     from_environment(parser, args, given, ("nproc", "nnodes"))

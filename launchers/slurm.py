@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"working directory inside the container (default {CONTAINER_WORKDIR})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the sbatch scripts (training and evaluation jobs) and every problem found")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     for option in ("container_runtime", "container_mounts", "container_workdir"):
         if getattr(args, option) is not None and args.container_image is None:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: only with --container-image IMAGE")

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config (may name a base: chain)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-3 model.size=small")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _should_save(cfg: Config, state: TrainState) -> bool:

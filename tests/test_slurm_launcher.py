@@ -260,3 +260,9 @@ def test_a_finished_run_submits_nothing(tiny_run, demo_data):
     proc = launch("--config", TINY_CONFIG, "--gpus-per-node", "0", *overrides, check=True)
     assert f"{tiny_run} already finished its 1 epochs" in proc.stdout and "nothing submitted" in proc.stdout
     assert sorted(tiny_run.rglob("*")) == before
+
+
+def test_overrides_may_come_before_or_after_the_flags(tmp_path):
+    proc = launch("--config", TINY_CONFIG, "run_name=mixed", "--dry-run", f"output_dir={tmp_path}", "--gpus-per-node",
+                  "0", "optim.micro_batch=32", check=True)
+    assert f"would train {tmp_path / 'mixed'}, global batch 64 = 32 per task x 2 accumulation x 1" in proc.stdout

@@ -301,3 +301,11 @@ def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumed(tmp_pat
     assert f"checkpoint {newest} skipped: {largest.relative_to(newest)} has" in resumed.stderr
     assert "resumed from step_00000004" in resumed.stderr
     assert losses(run) == pytest.approx(reference, rel=1e-6), "epoch 2 retrained exactly"
+
+
+def test_overrides_may_surround_the_flags():
+    from smim_dist.train import parse_args
+
+    args = parse_args(["optim.lr=2e-3", "--config", TINY_CONFIG, "run_name=a", "--local-rank", "1", "optim.epochs=2"])
+    assert (args.config, args.overrides, args.local_rank) == (TINY_CONFIG, ["optim.lr=2e-3", "run_name=a",
+                                                                            "optim.epochs=2"], 1)
