@@ -224,7 +224,8 @@ def test_clipping_inside_adamw_updates_like_deepspeeds_own_clipping(process_grou
     later = 1e-5 if precision == "fp32" else 1e-3  # after a step, bf16 weights may round the other way
     torch.testing.assert_close(norms["inside AdamW"], norms["DeepSpeed"], rtol=later, atol=0)
     assert min(norms["DeepSpeed"]) > 0.05, "the clip must be active at every step"
-    tolerance = {"rtol": 1e-5, "atol": 1e-7} if precision == "fp32" else {"rtol": 1e-2, "atol": 1e-3}
+    # fp32: near-zero weights may differ in their last bits (seen once in 36864 under a loaded 2-core machine)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 1e-2, "atol": 1e-3}
     for name, value in weights["DeepSpeed"].items():
         torch.testing.assert_close(weights["inside AdamW"][name], value, **tolerance)
     assert any(not torch.allclose(weights["unclipped"][name], value) for name, value in weights["DeepSpeed"].items())

@@ -74,8 +74,9 @@ def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
     run = train_with_faults(2, ["--slow-loader-rank", "1", "--loader-delay", "0.3"], overrides)
     records = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4
-    assert all(record["data_wait_max_rank"] == 1 and record["peak_mem_mb"] > 0 for record in records)
-    for record in records[1:]:  # the first window holds every rank's loader start-up too
+    assert all(record["peak_mem_mb"] > 0 for record in records)
+    for record in records[1:]:  # the first window holds every rank's loader start-up too (and rank 0's wandb's)
+        assert record["data_wait_max_rank"] == 1, record
         assert record["data_wait_frac_max"] > 0.7 and record["data_wait_frac"] < 0.6, record
     assert "on rank 1)" in run.stderr
 

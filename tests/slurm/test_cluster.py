@@ -83,7 +83,9 @@ def test_two_tasks_get_ranks_0_and_1(slurm_cluster, submitit_folder):
 def test_usr2_requeues_checkpointable(slurm_cluster, submitit_folder, tmp_path):
     executor = submitit.SlurmExecutor(folder=submitit_folder / "%j")
     # time > 10 min: with less, submitit takes every USR2 for a timeout rather than a preemption
-    executor.update_parameters(partition=slurm_cluster.partition, time=15, cpus_per_task=1, job_name="smoke_requeue")
+    # the cluster runs with JobRequeue=0, like sites whose jobs are not requeueable unless they ask
+    executor.update_parameters(partition=slurm_cluster.partition, time=15, cpus_per_task=1, job_name="smoke_requeue",
+                               additional_parameters={"requeue": True})
     job = executor.submit(RequeueOnce(), str(tmp_path))
     starts = tmp_path / "starts"
     deadline = time.monotonic() + 30

@@ -46,6 +46,7 @@ def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slu
         assert job_states(slurm_cluster, submitted["slurm_job"]) == ["COMPLETED"], \
             (folder / f"{submitted['slurm_job']}_0_log.out").read_text()[-3000:]
         assert json.loads((folder / "finished.json").read_text())["ok"]
+        assert not list(folder.glob("*.err")), "one log per evaluation job, stdout and stderr together"
         knn = json.loads((folder / "results.json").read_text())["protocols"]["knn"]
         logged = wandb_offline_history(folder)
         assert [row["eval/knn_cls_top1"] for row in logged] == [knn["cls"]["top1"]]

@@ -192,6 +192,6 @@ def test_a_partition_the_cluster_rejects_is_reported_and_nothing_is_left(slurm_c
                     "--time", "5", *overrides], check=False)
     assert proc.returncode == 2
     assert "not submitted: sbatch --test-only refuses the training job" in proc.stderr
-    assert "invalid partition" in proc.stderr.lower()
+    assert proc.stderr.count("Invalid partition name specified") == 1, "sbatch's refusal is printed once"
     assert not (tmp_path / "rejected").exists()
     assert "rejected" not in subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
