@@ -28,17 +28,13 @@ from smim_dist.engine.checkpoint import check_resumable, checkpoint_meta, checkp
 from smim_dist.engine.run_dir import check_run_dir
 from smim_dist.eval.jobs import SlurmEvalJobs, eval_job_script
 from smim_dist.slurm_batch import setup_lines, teardown_lines
-from smim_dist.slurm_cluster import find_partition, slurm_minutes, test_only
+from smim_dist.slurm_cluster import controller_problem, find_partition, slurm_minutes, test_only
+from smim_dist.slurm_container import (CONTAINER_PYTHON, CONTAINER_WORKDIR, container_args, container_overrides,
+                                       enroot_image_hint)
 from smim_dist.slurm_job import TrainJob
 
 JOB_FOLDER = "slurm"
 JOB_ID_FILE = "job_id"
-CONTAINER_WORKDIR = "/opt/smim_dist"
-"""where the project lives in the image (docker/Dockerfile)"""
-CONTAINER_PYTHON = "/opt/smim_dist/docker/entrypoint.sh python"
-"""the image's python, through its entrypoint (its PATH and caches; pyxis and apptainer exec skip the entrypoint)"""
-READ_PATHS = ("data.path", "target.tokenizer_path", "eval.config_dir")
-"""config keys naming files a run reads: made absolute and mounted in a container"""
 
 
 class NotSubmitted(Exception):
@@ -58,16 +54,6 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
     return value
-
-
-def enroot_image_hint(image: str) -> str | None:
-    """pyxis passes the image to enroot, whose references are ``docker://[USER@][REGISTRY#]IMAGE[:TAG]``: a
-    registry host written with '/' would be taken as a Docker Hub repository."""
-    reference = image.removeprefix("docker://")
-    first, slash, rest = reference.partition("/")
-    if "#" in reference or not slash or not ("." in first or ":" in first or first == "localhost"):
-        return None
-    return f"docker://{first}#{rest}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -141,46 +127,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def local_path(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:") and not any(c in path for c in ", \t\n")
-
-
-def read_paths(cfg: Config) -> dict[str, Path]:
-    """The local files and folders the run reads, by config key."""
-    values = {"data.path": cfg.data.path, "target.tokenizer_path": cfg.target.tokenizer_path,
-              "eval.config_dir": cfg.eval.config_dir}
-    return {key: Path(value) for key, value in values.items() if value and local_path(value)}
-
-
-def container_overrides(cfg: Config) -> list[str]:
-    """The output path and every path the run reads made absolute, so that they name the same mounted places inside
-    the image."""
-    return [f"output_dir={Path(cfg.output_dir).absolute()}",
-            *(f"{key}={path.absolute()}" for key, path in read_paths(cfg).items())]
-
-
-def container_args(args: argparse.Namespace, cfg: Config) -> list[str]:
-    """srun's arguments that put each task in the image: pyxis's flags, or apptainer's command before the task's."""
-    if not args.container_image:
-        return []
-    folders = [path if path.is_dir() else path.parent for path in read_paths(cfg).values()]
-    mounts = [f"{path}:{path}" for path in dict.fromkeys(map(str, [cfg.output_dir, *folders]))]
-    mounts = ",".join(mount for mount in mounts + (args.container_mounts or "").split(",") if mount)
-    image = str(Path(args.container_image).absolute()) if Path(args.container_image).is_file() else args.container_image
-    workdir = args.container_workdir or CONTAINER_WORKDIR
-    if args.container_runtime == "pyxis":
-        return [f"--container-image={image}", f"--container-mounts={mounts}", f"--container-workdir={workdir}"]
-    return ["apptainer", "exec", *(["--nv"] if args.gpus_per_node > 0 else []), "--bind", mounts, "--pwd", workdir,
-            image]
-
-
 def slurm_parameters(args: argparse.Namespace, cfg: Config) -> tuple[dict, SlurmEvalJobs]:
     """submitit's SlurmExecutor parameters of the training job, and how its evaluation jobs are written (one task of
     the same kind). A task that dies ends the whole job (``--kill-on-bad-exit``) instead of leaving the others
     blocked in a collective until the time limit. ``--requeue``: a site whose jobs are not requeueable by default
     (``JobRequeue=0``) would refuse the requeue after a preemption's checkpoint."""
     on_gpus = args.gpus_per_node > 0
-    container = container_args(args, cfg)
+    container = container_args(args.container_image, args.container_runtime, args.container_mounts,
+                               args.container_workdir, args.gpus_per_node > 0, cfg)
     common = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
               "exclude": args.exclude, "cpus_per_task": args.cpus_per_task, "setup": args.setup or None}
     train = {**common, "job_name": args.name or cfg.run_name, "nodes": args.nodes, "time": args.time,
@@ -247,6 +201,9 @@ def asks(params: dict) -> str:
 def scheduler_problems(args: argparse.Namespace, scripts: dict[str, str], requests: dict[str, str]) -> list[str]:
     """What the scheduler says about each job: sbatch --test-only's refusals and time limits above the
     partition's, each with what the partition offers."""
+    unreachable = controller_problem()
+    if unreachable:
+        return [unreachable]
     partition = find_partition(args.partition)
     problems = []
     for what, limit, note in (("--time", args.time, ": the run is requeued until it is done"),

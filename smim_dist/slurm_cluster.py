@@ -49,6 +49,15 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
+def controller_problem() -> str | None:
+    """Why the scheduler cannot be asked (``scontrol ping`` answers at once; sbatch and sinfo retry for seconds)."""
+    proc = _run(["scontrol", "ping"])
+    if proc.returncode == 0:
+        return None
+    return (f"the SLURM controller does not answer (`scontrol ping`: {' '.join(proc.stdout.split()[:4])}); run this "
+            "on a login node of a working cluster")
+
+
 def find_partition(name: str | None) -> Partition | None:
     """The named partition, or the cluster's default one; None when scontrol does not know it (sbatch then names
     the problem)."""
