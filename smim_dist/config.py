@@ -336,10 +336,29 @@ def validate(cfg: Config) -> None:
                           "epochs >= 1 and 0 <= warmup_epochs <= epochs")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr={optim.min_lr} must be between 0 and optim.lr={optim.lr}")
-    for key in ("engine.max_bad_steps", "engine.check_every_steps", "log.every_steps"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)} must be at least 1")
+    (low, high), data = cfg.data.crop_ratio, cfg.data
+    for key, ok, rule in (
+            ("optim.lr", optim.lr > 0, "above 0"),
+            ("optim.weight_decay", optim.weight_decay >= 0, "0 or more"),
+            ("optim.clip_grad", optim.clip_grad >= 0, "0 (no clipping) or more"),
+            ("optim.eps", optim.eps > 0, "above 0: AdamW divides by sqrt(v) + eps"),
+            ("optim.betas", all(0 <= beta < 1 for beta in optim.betas), "two values in [0, 1)"),
+            ("seed", 0 <= cfg.seed < 2**31, "0 to 2**31 - 1"),
+            ("model.layer_scale_init", cfg.model.layer_scale_init is None or cfg.model.layer_scale_init > 0,
+             "above 0, or null for no layer scale"),
+            ("data.hflip", 0 <= data.hflip <= 1, "a probability, 0 to 1"),
+            ("data.color_jitter", data.color_jitter >= 0, "0 (off) or more"),
+            ("data.crop_ratio", 0 < low <= high, "[min, max] with 0 < min <= max"),
+            ("data.num_workers", data.num_workers >= 0, "0 (load in the training process) or more"),
+            ("data.demo_images", not data.demo or data.demo_images >= max(6, optim.global_batch),
+             f"at least one global batch ({optim.global_batch}) and 6 (one image of each demo class)"),
+            ("engine.max_bad_steps", cfg.engine.max_bad_steps >= 1, "at least 1"),
+            ("engine.check_every_steps", cfg.engine.check_every_steps >= 1, "at least 1"),
+            ("log.every_steps", cfg.log.every_steps >= 1, "at least 1")):
+        if not ok:
+            section, _, name = key.rpartition(".")
+            value = getattr(getattr(cfg, section) if section else cfg, name)
+            raise ConfigError(f"{key}={list(value) if isinstance(value, tuple) else value!r} must be {rule}")
     if cfg.log.profile_steps < 0 or cfg.log.profile_from_step < 1:
         raise ConfigError(f"log.profile_steps={cfg.log.profile_steps}, log.profile_from_step="
                           f"{cfg.log.profile_from_step}: trace profile_steps >= 0 steps (0: none) from a step >= 1")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -58,10 +59,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{where}: expected a list of {len(item_types)} values, got {value!r}")
         return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if annotation in (int, float) and isinstance(value, str) and _number_from_text(value, annotation) is not None:
-        return _number_from_text(value, annotation)
+        value = _number_from_text(value, annotation)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value}")
+        return float(value)
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
@@ -105,13 +108,17 @@ def read_chain(path: Path, schema: type, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config base chain loops: {' -> '.join(map(str, seen + (path,)))}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a YAML text file: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(values).__name__}")
     bases = values.pop("base", None)
+    bases = [bases] if isinstance(bases, str) else bases or []
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: base: {bases!r} must be a file name or a list of them, "
+                          "relative to this file")
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases or []:
+    for base in bases:
         merged = merge(merged, read_chain(path.parent / base, schema, seen + (path,)))
     build(schema, values, "", str(path))
     return merge(merged, values)

@@ -83,6 +83,21 @@ def test_whole_numbers_in_any_notation_fill_int_fields_and_fractions_do_not():
     ("", ["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
     ("", ["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),
     ("", ["data.path=/data/in1k.beton"], "set data.demo=false to read it"),
+    ("", ["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be 0 or more"),
+    ("", ["optim.clip_grad=-1"], "optim.clip_grad=-1.0 must be 0 (no clipping) or more"),
+    ("", ["optim.eps=0"], "optim.eps=0.0 must be above 0"),
+    ("", ["optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),
+    ("", ["mask.ratio=.nan"], "mask.ratio: expected a finite number, got nan"),
+    ("", ["optim.betas=[1.5,0.9]"], "optim.betas=[1.5, 0.9] must be two values in [0, 1)"),
+    ("", ["seed=-1"], "seed=-1 must be 0 to 2**31 - 1"),
+    ("", ["model.patch_size=0"], "patch size 0: both must be at least 1"),
+    ("", ["data.hflip=2"], "data.hflip=2.0 must be a probability"),
+    ("", ["data.color_jitter=-0.4"], "data.color_jitter=-0.4 must be 0 (off) or more"),
+    ("", ["data.crop_ratio=[1.3,0.7]"], "data.crop_ratio=[1.3, 0.7] must be [min, max] with 0 < min <= max"),
+    ("", ["data.num_workers=-1"], "data.num_workers=-1 must be 0"),
+    ("", ["data.demo_images=0"], "data.demo_images=0 must be at least one global batch (2048)"),
+    ("", ["optim=5"], "optim must be a mapping, got 5"),
+    ("base: 5\n", [], "base: 5 must be a file name or a list of them"),
 ])
 def test_errors_name_the_file_key_and_fix(tmp_path, text, overrides, message):
     path = write(tmp_path / "c.yaml", text)
@@ -180,3 +195,10 @@ def test_cosine_schedule_values():
 def test_block_masking_that_cannot_fit_is_a_config_error():
     with pytest.raises(ConfigError, match=r"mask.kind=block.*min_block_patches=16"):
         load_config(REPO / "configs/demo_cpu.yaml", ["model.img_size=32", "mask.kind=block", "mask.ratio=0.4"])
+
+
+def test_a_binary_file_is_refused_as_a_config(tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a YAML text file"):
+        load_config(binary)

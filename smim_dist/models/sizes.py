@@ -32,7 +32,9 @@ def vit_size(name: str) -> ViTSize:
 def image_grid(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Patch grid of an image size; refuses sizes the patch size does not divide."""
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if patch_size < 1 or height % patch_size or width % patch_size:
+    if patch_size < 1 or height < 1 or width < 1:
+        raise ValueError(f"image size {height}x{width}, patch size {patch_size}: both must be at least 1")
+    if height % patch_size or width % patch_size:
         raise ValueError(
             f"image size {height}x{width} is not divisible by patch size {patch_size}; "
             f"use a multiple of {patch_size} (e.g. {max(patch_size, height // patch_size * patch_size)})")
