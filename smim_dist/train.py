@@ -15,12 +15,13 @@ import torch
 
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
-from smim_dist.engine.checkpoint import check_resumable, newest_valid_tag, prune_checkpoints, save_checkpoint
+from smim_dist.engine.checkpoint import (check_resumable, latest_tag, newest_valid_tag, prune_checkpoints,
+                                        save_checkpoint)
 from smim_dist.engine.deepspeed_setup import build_engine, check_precision, set_fp32_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.elastic import resume
 from smim_dist.engine.loop import EpochRunner, TrainState
-from smim_dist.engine.nonfinite_guard import NonFiniteLossError
+from smim_dist.engine.nonfinite_guard import NonFiniteLossError, training_state_finite
 from smim_dist.engine.run_dir import check_run_dir, create_run_dir
 from smim_dist.engine.stop_signals import StopSignals
 from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval
@@ -52,21 +53,30 @@ def resume_tag(cfg: Config, dist_info: DistInfo) -> tuple[str | None, list[str]]
 
 
 def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainState, logger: RunLogger,
-                      eval_slurm: SlurmEvalJobs | None) -> None:
-    """Checkpoint; then rank 0 starts the evaluation job due at this epoch and applies retention, which keeps the
-    checkpoints whose evaluation has not finished."""
+                      eval_slurm: SlurmEvalJobs | None) -> bool:
+    """Checkpoint unless the run is diverging (the last step's loss, or any weight or optimizer moment, is not
+    finite): ``latest`` never moves past the last good checkpoint. Then rank 0 starts the evaluation job due at this
+    epoch and applies retention, which keeps the checkpoints whose evaluation has not finished. Returns whether the
+    checkpoint was written."""
+    problem = ("the last step's loss was not finite" if state.bad_in_row else
+               None if training_state_finite(engine) else "some weights or optimizer moments are not finite")
+    if problem:
+        logger.info(f"checkpoint at step {state.step} not written: {problem}; "
+                    f"latest stays {latest_tag(cfg.run_dir) or 'unset (no good checkpoint yet)'}")
+        return False
     path = save_checkpoint(engine, cfg.run_dir, dist_info, {"train_state": state.state_dict(),
                                                             "config_hash": cfg.hash(), "wandb_id": logger.wandb_id},
                            tag=f"step_{state.step:08d}", meta=state.state_dict())
     logger.info(f"checkpoint {path}")
     if not dist_info.is_main:
-        return
+        return True
     epoch_closed = state.batch_in_epoch == 0
     every = cfg.eval.every_epochs
     if every and epoch_closed and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
         logger.info(submit_eval(cfg, path.name, eval_slurm))
     prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs,
                       keep=pending_evals(cfg.run_dir, cfg.eval.protocols))
+    return True
 
 
 def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False,
@@ -114,8 +124,13 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False,
         while state.epoch < cfg.optim.epochs:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
             outcome = runner.run_epoch(loader, state, stop_requested)
+            saved = True
             if outcome == "stop" or _should_save(cfg, state):
-                save_and_evaluate(cfg, engine, dist_info, state, logger, eval_slurm)
+                saved = save_and_evaluate(cfg, engine, dist_info, state, logger, eval_slurm)
+            if not saved and (outcome == "stop" or state.epoch >= cfg.optim.epochs):
+                raise NonFiniteLossError(f"the run ends diverged at step {state.step}, so its checkpoint was not "
+                                         f"written; {latest_tag(cfg.run_dir) or 'no checkpoint'} is its last good one. "
+                                         "Lower optim.lr, raise optim.warmup_epochs or use engine.precision=fp32/bf16")
             if outcome == "stop":
                 logger.info(f"stopped at step {state.step} on request; the same command resumes the run")
                 break

@@ -92,6 +92,29 @@ def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004"]
 
 
+def test_a_diverged_run_never_checkpoints_its_weights(tmp_path, demo_data):
+    """lr 1e30: the first update leaves huge but finite weights, every later loss is not finite; no checkpoint of
+    them is written, and the run ends with status 3 rather than 0."""
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=huge", "optim.lr=1e30", "optim.warmup_epochs=0",
+                               "checkpoint.every_epochs=1")
+    proc = train_cli(1, TINY_CONFIG, overrides, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "checkpoint at step 4 not written: the last step's loss was not finite" in proc.stderr
+    assert "no checkpoint is its last good one" in proc.stderr
+    assert not (tmp_path / "huge" / "checkpoints").exists() or not any((tmp_path / "huge" / "checkpoints").iterdir())
+
+
+def test_a_non_finite_optimizer_moment_is_never_checkpointed(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=moment", "checkpoint.every_epochs=1", "engine.zero_stage=1")
+    proc = train_with_faults(1, ["--poison-moment-after", "6"], overrides, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "checkpoint at step 8 not written: some weights or optimizer moments are not finite" in proc.stderr
+    assert "step_00000004 is its last good one" in proc.stderr
+    checkpoints = tmp_path / "moment" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004"]
+
+
 def test_bad_steps_between_two_host_reads_are_still_caught(tmp_path, demo_data):
     """With a read every 4 steps, steps 5-6 are skipped and 7-8 recover before the read at step 8: still 2 in a row."""
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=between", "engine.max_bad_steps=2",

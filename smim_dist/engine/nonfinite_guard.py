@@ -59,3 +59,15 @@ class NonFiniteGuard:
         counts = torch.stack([self.skipped, self.bad_in_row, self.worst_in_row])
         self.worst_in_row.copy_(self.bad_in_row)
         return counts
+
+
+def training_state_finite(engine) -> bool:
+    """Whether every weight, master weight and optimizer moment of every rank is finite: one device reduction and one
+    read, made before a checkpoint is written (never inside a step)."""
+    optimizer = fused_adamw(engine)
+    tensors = [*engine.module.parameters(), *(p for group in optimizer.param_groups for p in group["params"]),
+               *(value for state in optimizer.state.values() for value in state.values()
+                 if torch.is_tensor(value) and value.is_floating_point())]
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all().float()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
