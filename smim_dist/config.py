@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from smim_dist.config_loading import ConfigError, build, merge, override_tree, read_chain
+from smim_dist.files import write_atomic
 from smim_dist.masking import build_mask_generator
 from smim_dist.models.sizes import VIT_SIZES, image_grid
 from smim_dist.targets.dalle import TokenizerWeightsError, check_tokenizer_file
@@ -396,4 +397,4 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(f"# config hash {cfg.hash()}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(path, f"# config hash {cfg.hash()}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -22,7 +22,7 @@ from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.elastic import resume
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteLossError, training_state_finite
-from smim_dist.engine.run_dir import check_run_dir, create_run_dir
+from smim_dist.engine.run_dir import check_run_dir, check_writable, create_run_dir
 from smim_dist.engine.stop_signals import StopSignals
 from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval
 from smim_dist.logging import RunLogger, check_wandb_credentials
@@ -96,6 +96,8 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False,
     target = build_target(cfg).to(dist_info.device)
     torch.manual_seed(cfg.seed)
     model = MIMModel(cfg.model, target.out_dim)
+    if dist_info.is_main:
+        check_writable(cfg, sum(p.numel() for p in model.parameters()))
     torch.manual_seed(cfg.seed + 1 + dist_info.rank)
     engine = build_engine(cfg, model, dist_info.world_size, dist_info.device)
     state = TrainState()

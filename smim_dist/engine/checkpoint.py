@@ -21,6 +21,7 @@ import torch
 
 from smim_dist.config import ConfigError
 from smim_dist.engine.distributed import DistInfo, barrier
+from smim_dist.files import write_atomic
 
 LATEST = "latest"
 META = "meta.json"
@@ -44,15 +45,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: dict, tag: str,
@@ -100,6 +92,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no manifest (written before its files were complete?)"
     except json.JSONDecodeError as err:
         return f"unreadable manifest ({err})"
+    if not isinstance(expected, dict):
+        return f"its manifest is not a table of files ({type(expected).__name__})"
     found = file_digests(folder)
     for name, entry in expected.items():
         if name not in found:
@@ -108,7 +102,25 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} has {found[name]['bytes']} bytes, the manifest says {entry['bytes']}"
         if found[name]["sha256"] != entry["sha256"]:
             return f"{name} does not match its checksum"
-    return None
+    return _unlisted_part(folder, set(expected))
+
+
+def _unlisted_part(folder: Path, listed: set[str]) -> str | None:
+    """A manifest that checks out must also list what a resume reads: the meta data, the model states and, for each
+    rank of the world size that wrote it, its RNG states and (under ZeRO) its optimizer partition."""
+    if META not in listed:
+        return f"its manifest does not list {META}"
+    try:
+        ranks = int(json.loads((folder / META).read_text())["world_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{META} has no world size ({err})"
+    needed = [f"rng_rank{rank:05d}.pt" for rank in range(ranks)]
+    if not any(name.endswith("model_states.pt") for name in listed):
+        return "its manifest lists no model states"
+    if any(name.endswith("optim_states.pt") for name in listed):
+        needed += [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(ranks)]
+    missing = [name for name in needed if not any(entry.endswith(name) for entry in listed)]
+    return f"its manifest does not list {', '.join(missing)}" if missing else None
 
 
 def newest_valid_tag(run_dir: Path) -> tuple[str | None, list[str]]:
@@ -160,8 +172,13 @@ def checkpoint_meta(run_dir: Path, tag: str) -> dict:
 
 
 def latest_tag(run_dir: Path) -> str | None:
+    """The tag the ``latest`` pointer names; None when there is none or it is not a readable pointer file (a restart
+    then searches the checkpoints themselves)."""
     pointer = checkpoint_root(run_dir) / LATEST
-    return pointer.read_text().strip() if pointer.exists() else None
+    try:
+        return pointer.read_text().strip() or None if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def load_checkpoint(engine, run_dir: Path, dist_info: DistInfo, tag: str) -> dict:

@@ -33,10 +33,11 @@ import torch
 from deepspeed.checkpoint import ds_to_universal
 
 from smim_dist.config import Config
-from smim_dist.engine.checkpoint import (MANIFEST, META, file_digests, write_atomic, checkpoint_problem,
+from smim_dist.engine.checkpoint import (MANIFEST, META, file_digests, checkpoint_problem,
                                          checkpoint_root, load_checkpoint)
 from smim_dist.engine.distributed import DistInfo, barrier
 from smim_dist.engine.loop import TrainState
+from smim_dist.files import write_atomic
 
 UNIVERSAL = "universal"
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
 import yaml
 
 from smim_dist.config import Config, ConfigError, save_config
@@ -30,12 +35,26 @@ def config_changes(saved: dict, current: dict) -> list[str]:
             if old.get(key) != new.get(key) and not key.startswith(HARMLESS)]
 
 
+def read_saved_config(path: Path) -> dict:
+    """A run's saved config, refused whole when it is not the complete mapping ``save_config`` writes."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path} is damaged ({err}); nothing was changed. Restore the run's config.yaml, or move "
+                          "the run directory aside to start a new run") from None
+    missing = {f.name for f in dataclasses.fields(Config)} - set(saved if isinstance(saved, dict) else {})
+    if missing:
+        raise ConfigError(f"{path} is damaged (it lacks {', '.join(sorted(missing))}); nothing was changed. Restore "
+                          "the run's config.yaml, or move the run directory aside to start a new run")
+    return saved
+
+
 def check_run_dir(cfg: Config) -> bool:
     """Refuse a run directory that belongs to a run with another config; True if it already holds this run."""
     path = cfg.run_dir / CONFIG_FILE
     if not path.exists():
         return False
-    saved = yaml.safe_load(path.read_text())
+    saved = read_saved_config(path)
     changes = config_changes(saved, cfg.to_dict())
     if changes:
         raise ConfigError(
@@ -46,6 +65,33 @@ def check_run_dir(cfg: Config) -> bool:
 
 def create_run_dir(cfg: Config) -> None:
     """Rank 0 only: make the directory and save the resolved config, unless this run saved it already."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if not (cfg.run_dir / CONFIG_FILE).exists():
-        save_config(cfg, cfg.run_dir / CONFIG_FILE)
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (cfg.run_dir / CONFIG_FILE).exists():
+            save_config(cfg, cfg.run_dir / CONFIG_FILE)
+    except OSError as err:
+        raise ConfigError(f"cannot write the run directory {cfg.run_dir} ({err.strerror}); give output_dir a "
+                          "writable place") from None
+
+
+CHECKPOINT_BYTES_PER_PARAMETER = 16
+"""weights (fp32, or bf16 with an fp32 master copy) and AdamW's two fp32 moments, over all ranks"""
+
+
+def check_writable(cfg: Config, num_parameters: int) -> None:
+    """Rank 0, before the first step: the checkpoint folder takes a file and has room for one checkpoint, so a
+    read-only or full disk stops the run now rather than at its first save, an epoch later."""
+    root = cfg.run_dir / "checkpoints"
+    probe = root / f".write-test-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write checkpoints into {root} ({err.strerror}); give output_dir a writable place"
+                          ) from None
+    need, free = CHECKPOINT_BYTES_PER_PARAMETER * num_parameters, shutil.disk_usage(root).free
+    if free < need:
+        raise ConfigError(f"{root} has {free / 2**20:.1f} MiB free, less than one checkpoint needs (about "
+                          f"{need / 2**20:.1f} MiB for {num_parameters / 1e6:.2f}M parameters); free some space or "
+                          "point output_dir elsewhere")

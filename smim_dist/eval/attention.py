@@ -28,11 +28,11 @@ from torch import Tensor
 
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
-from smim_dist.engine.checkpoint import write_atomic
 from smim_dist.eval.attention_plots import render_figures
 from smim_dist.eval.data import centre_crop_loader, eval_splits
 from smim_dist.eval.features import default_device, load_encoder, resolve_eval_run
 from smim_dist.eval.results import checkpoint_header, merge_results, results_folder
+from smim_dist.files import write_atomic
 from smim_dist.models.sizes import image_grid, vit_size
 
 SHOWN_IMAGES = 4

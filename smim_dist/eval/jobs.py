@@ -28,9 +28,10 @@ import yaml
 from submitit.slurm.slurm import _make_sbatch_string
 
 from smim_dist.config import Config
-from smim_dist.engine.checkpoint import checkpoint_root, write_atomic
+from smim_dist.engine.checkpoint import checkpoint_root
 from smim_dist.engine.run_dir import CONFIG_FILE
 from smim_dist.eval.results import read_results
+from smim_dist.files import write_atomic
 
 SUBMITTED = "submitted.json"
 """written when the job was started: its pid, or its SLURM job id"""

@@ -1,0 +1,106 @@
+"""A damaged, read-only or full run directory: refused by name before any work, never a traceback, nothing changed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides, train_cli
+from smim_dist.config import ConfigError, load_config
+from smim_dist.engine.checkpoint import newest_valid_tag
+from smim_dist.engine.run_dir import check_run_dir
+
+TINY_CONFIG = "configs/demo_cpu.yaml"
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    """This test's own copy of the tiny run, to damage."""
+    shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str = "1m", read_only: bool = False):
+    """A small file system of its own at ``folder`` (root only: the tests that need one say so)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small or read-only file system needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_latest_pointer_that_is_not_a_file_is_passed_over(run_copy):
+    tag = (run_copy / "checkpoints" / "latest").read_text().strip()
+    (run_copy / "checkpoints" / "latest").unlink()
+    (run_copy / "checkpoints" / "latest").mkdir()
+    assert newest_valid_tag(run_copy) == (tag, [])
+
+
+@pytest.mark.parametrize("manifest, reason", [
+    ({}, "its manifest does not list meta.json"),
+    ([], "its manifest is not a table of files (list)"),
+])
+def test_a_checkpoint_whose_manifest_lists_too_little_is_skipped(run_copy, manifest, reason):
+    junk = run_copy / "checkpoints" / "step_99999999"
+    junk.mkdir()
+    (junk / "manifest.json").write_text(json.dumps(manifest))
+    (run_copy / "checkpoints" / "latest").unlink()  # so the newest folder is looked at first
+    found, skipped = newest_valid_tag(run_copy)
+    assert found != junk.name and skipped == [f"checkpoint {junk} skipped: {reason}"]
+
+
+def test_a_checkpoint_missing_a_rank_s_files_is_skipped(run_copy):
+    copy = run_copy
+    tag = (copy / "checkpoints" / "latest").read_text().strip()
+    meta = copy / "checkpoints" / tag / "meta.json"
+    manifest = copy / "checkpoints" / tag / "manifest.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))  # as if rank 1 had written too
+    listed = json.loads(manifest.read_text())
+    listed["meta.json"] = {"bytes": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+    manifest.write_text(json.dumps(listed))
+    assert newest_valid_tag(copy) == (None, [f"checkpoint {copy / 'checkpoints' / tag} skipped: its manifest does not "
+                                             "list rng_rank00001.pt, zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+
+
+@pytest.mark.parametrize("text, reason", [("", "it lacks checkpoint, data, engine"), ("run_name: x\nmodel: {size:",
+                                                                                      "is damaged (while parsing")])
+def test_a_damaged_saved_config_is_refused_by_name(run_copy, tmp_path, text, reason):
+    copy = run_copy
+    saved = load_config(copy / "config.yaml")
+    (copy / "config.yaml").write_text(text)
+    saved.output_dir = str(tmp_path)
+    saved.run_name = "run"
+    with pytest.raises(ConfigError, match="config.yaml is damaged") as err:
+        check_run_dir(saved)
+    assert reason in str(err.value) and "nothing was changed" in str(err.value)
+
+
+def test_a_read_only_checkpoint_folder_stops_the_run_before_its_first_step(tmp_path, demo_data):
+    with tmpfs(tmp_path / "ro" / "checkpoints", read_only=True):
+        proc = train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=ro"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"cannot write checkpoints into {tmp_path / 'ro' / 'checkpoints'} (Read-only file system)" in proc.stderr
+    assert not (tmp_path / "ro" / "metrics.jsonl").exists(), "refused before the first step"
+
+
+def test_a_disk_without_room_for_one_checkpoint_stops_the_run_before_its_first_step(tmp_path, demo_data):
+    with tmpfs(tmp_path / "small", size="2m") as small:
+        proc = train_cli(1, TINY_CONFIG, tiny_overrides(small, demo_data, "run_name=full"), check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert re.search(r"MiB free, less than one checkpoint needs \(about [\d.]+ MiB for [\d.]+M parameters\)",
+                         proc.stderr), proc.stderr[-3000:]
+        assert not (small / "full" / "metrics.jsonl").exists()
