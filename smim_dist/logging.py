@@ -18,6 +18,7 @@ import wandb
 from tqdm import tqdm
 
 from smim_dist.config import Config, ConfigError
+from smim_dist.files import write_atomic
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -29,6 +30,21 @@ def _wandb_id(run_dir: Path) -> str:
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")
     return run_id
+
+
+def keep_rows_up_to(metrics: Path, step: int) -> None:
+    """A resumed run trains again the steps after its checkpoint; their old rows (and a line cut off by a kill) go,
+    so every reader sees each step once."""
+    if not metrics.exists():
+        return
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_atomic(metrics, "".join(rows))
 
 
 def check_wandb_credentials(cfg: Config) -> None:
@@ -50,6 +66,7 @@ class RunLogger:
         self.bar = None
         if not is_main:
             return
+        keep_rows_up_to(self.metrics_path, start_step)
         self.metrics_file = self.metrics_path.open("a", buffering=1)
         if cfg.log.wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")

@@ -1,5 +1,6 @@
 """Stopping on SIGTERM / SIGUSR2 at a step boundary with a checkpoint, and what a restart finds in the run directory."""
 
+import json
 import os
 import signal
 import subprocess
@@ -59,6 +60,26 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(tmp_p
     straight, again = final_weights(tmp_path / "straight"), final_weights(run)
     assert straight.keys() == again.keys()
     assert all(torch.equal(straight[key], again[key]) for key in straight), "bit-identical final weights"
+
+
+def test_steps_trained_again_after_a_kill_are_recorded_once(tmp_path, demo_data):
+    """SIGKILL at step 6 or later, the checkpoint at step 4: the resumed run trains steps 5-6 again, and
+    metrics.jsonl (like anything that reads it) has each step once, with the uninterrupted run's values."""
+    common = ["optim.epochs=3", "checkpoint.every_epochs=1"]
+    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=killed", *common)
+    run = tmp_path / "killed"
+    process = start_training(overrides)
+    wait_for_step(run, 6, process)
+    process.kill()
+    process.communicate()
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    logged = len((run / "metrics.jsonl").read_text().splitlines())
+    assert int(latest.removeprefix("step_")) < logged, "the kill came after steps the checkpoint does not hold"
+    train_cli(1, TINY_CONFIG, overrides)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    assert losses(run) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
 
 
 def test_only_damaged_checkpoints_stop_the_run_unless_a_fresh_start_is_asked_for(tmp_path, demo_data):
