@@ -54,3 +54,48 @@ def test_exported_encoder_drops_pretraining_parts(mode):
 def test_export_refuses_a_non_checkpoint(tmp_path):
     proc = run_cli(["-m", "smim_dist.export", str(tmp_path), str(tmp_path / "x.safetensors")], check=False)
     assert proc.returncode == 2 and "is not a smim_dist checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("reader", ["smim-export", "smim-eval"])
+def test_every_reader_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys, reader):
+    """One flipped bit in the fp32 master weights: refused by name, as training refuses it, never read."""
+    import shutil
+
+    from smim_dist.eval.cli import main as smim_eval
+    from smim_dist.export import main as smim_export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    checkpoint = copy / "checkpoints" / (copy / "checkpoints" / "latest").read_text().strip()
+    master = checkpoint / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(master.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    master.write_bytes(bytes(data))
+
+    def read(path):
+        if reader == "smim-export":
+            return smim_export([str(path), str(tmp_path / "vit.safetensors")])
+        return smim_eval(["knn", "--checkpoint", str(path)])
+
+    assert read(checkpoint) == 2
+    assert f"checkpoint {checkpoint} is damaged: {master.name} does not match its checksum" in capsys.readouterr().err
+    assert read(copy) == 2
+    err = capsys.readouterr().err
+    assert f"{copy} has no usable checkpoint: checkpoint {checkpoint} skipped: {master.name} does not match" in err
+    assert not (tmp_path / "vit.safetensors").exists() and not (copy / "eval").exists()
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_by_name(run_dir, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from smim_dist.eval.cli import main as smim_eval
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    saved["model"]["size"] = "tiny"
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert smim_eval(["knn", "--checkpoint", str(copy)]) == 2
+    assert "the checkpoint's weights do not fit the run config's model (model.size=tiny" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import timm
 from torch import Tensor, nn
 
 from smim_dist.config import ModelConfig
+from smim_dist.config_loading import ConfigError
 from smim_dist.models.sizes import vit_size
 
 ENCODER_PREFIX = "encoder."
@@ -51,5 +52,10 @@ def encoder_state_dict(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
 def create_timm_encoder(cfg: ModelConfig, state: dict[str, Tensor] | None = None) -> nn.Module:
     model = timm.create_model(timm_model_name(cfg), pretrained=False, **timm_kwargs(cfg))
     if state is not None:
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ConfigError(f"the checkpoint's weights do not fit the run config's model (model.size={cfg.size}, "
+                             f"img_size={cfg.img_size}, patch_size={cfg.patch_size}): "
+                             f"{str(err).splitlines()[0]}") from None
     return model
