@@ -25,6 +25,7 @@ from torch.distributed.run import parse_args as torchrun_args
 from torch.distributed.run import run as torchrun
 
 from smim_dist.config import ConfigError, load_config
+from smim_dist.engine.run_lock import check_free
 
 ENVIRONMENT = {"nproc": "NPROC_PER_NODE", "nnodes": "NNODES", "node_rank": "NODE_RANK", "master_addr": "MASTER_ADDR",
                "master_port": "MASTER_PORT", "rdzv_endpoint": "RDZV_ENDPOINT", "rdzv_id": "RDZV_ID"}
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.optim.accumulation_steps(args.nnodes * args.nproc)
+        check_free(cfg.run_dir)
     except ConfigError as err:
         print(f"launchers/local.py: config error: {err}", file=sys.stderr)
         return 2

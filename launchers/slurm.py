@@ -26,6 +26,7 @@ from submitit.core.utils import FailedJobError
 from smim_dist.config import Config, ConfigError, load_config, missing_files
 from smim_dist.engine.checkpoint import check_resumable, checkpoint_meta, checkpoint_root, newest_valid_tag
 from smim_dist.engine.run_dir import check_run_dir
+from smim_dist.engine.run_lock import check_free
 from smim_dist.eval.jobs import SlurmEvalJobs, eval_job_script
 from smim_dist.slurm_batch import setup_lines, teardown_lines
 from smim_dist.slurm_cluster import controller_problem, find_partition, slurm_minutes, test_only
@@ -181,6 +182,10 @@ def check_run(cfg: Config, world_size: int) -> str | None:
         if state.strip():
             raise NotSubmitted(f"job {job_id} ({state.strip()}) is already training {cfg.run_dir}; wait for it or "
                                f"`scancel {job_id}` first (its checkpoint is kept, and this command resumes it)")
+    try:
+        check_free(cfg.run_dir)
+    except ConfigError as busy:
+        raise NotSubmitted(str(busy)) from None
     if not check_run_dir(cfg):
         return None
     tag, skipped = newest_valid_tag(cfg.run_dir)

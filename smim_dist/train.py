@@ -8,6 +8,7 @@ Re-running the same command resumes the run from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -23,6 +24,7 @@ from smim_dist.engine.elastic import resume
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteLossError, training_state_finite
 from smim_dist.engine.run_dir import check_run_dir, check_writable, create_run_dir
+from smim_dist.engine.run_lock import RunLock
 from smim_dist.engine.stop_signals import StopSignals
 from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval
 from smim_dist.logging import RunLogger, check_wandb_credentials
@@ -86,6 +88,16 @@ def train(cfg: Config, dist_info: DistInfo, stop_requested=lambda: False,
     check_precision(cfg.engine.precision, dist_info.device)
     set_fp32_precision(cfg.engine.tf32)
     resuming = check_run_dir(cfg)
+    lock = RunLock(cfg.run_dir).acquire() if dist_info.is_main else None
+    try:
+        return _train(cfg, dist_info, stop_requested, eval_slurm, resuming)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, dist_info: DistInfo, stop_requested, eval_slurm: SlurmEvalJobs | None,
+           resuming: bool) -> TrainState:
     if dist_info.is_main and cfg.data.demo:
         prepare_demo_data(cfg)
     barrier()
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     finished one."""
     args = parse_args(argv)
     stop = StopSignals().install()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop.watch_parent()
     try:
         cfg = load_config(args.config, args.overrides)
         check_wandb_credentials(cfg)

@@ -8,12 +8,17 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import tiny_overrides, train_cli
+from conftest import REPO, run_cli, tiny_overrides, train_cli
 from smim_dist.config import ConfigError, load_config
 from smim_dist.engine.checkpoint import newest_valid_tag
 from smim_dist.engine.run_dir import check_run_dir
@@ -104,3 +109,75 @@ def test_a_disk_without_room_for_one_checkpoint_stops_the_run_before_its_first_s
         assert re.search(r"MiB free, less than one checkpoint needs \(about [\d.]+ MiB for [\d.]+M parameters\)",
                          proc.stderr), proc.stderr[-3000:]
         assert not (small / "full" / "metrics.jsonl").exists()
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_rows(run: Path, rows: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= rows):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+
+
+def test_a_second_training_of_the_same_run_directory_is_refused_with_the_holder(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=busy", "optim.epochs=4")
+    first = start(["tests/scripts/train_with_faults.py", "--slow-loader-rank", "0", "--loader-delay", "2",
+                   "--config", TINY_CONFIG, *overrides])
+    wait_for_rows(tmp_path / "busy", 1, first)
+    holder = f"is being trained by pid {first.pid} on {socket.gethostname()}"
+    second = train_cli(1, TINY_CONFIG, overrides, check=False)
+    assert second.returncode == 2 and holder in second.stderr, second.stderr[-3000:]
+    launcher = run_cli(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides], check=False)
+    assert launcher.returncode == 2 and holder in launcher.stderr, "refused before any worker starts"
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    rows = [json.loads(line)["step"] for line in (tmp_path / "busy" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 17)), "one writer"
+
+
+def test_workers_stop_with_a_checkpoint_when_their_launcher_is_killed(tmp_path, demo_data):
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=orphans", "optim.epochs=30", "checkpoint.every_epochs=30",
+                               "log.every_steps=1")
+    launcher = start(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides])
+    run = tmp_path / "orphans"
+    wait_for_rows(run, 3, launcher)
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    launcher.kill()
+    launcher.communicate()
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, "the workers outlived their launcher"
+    stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 3 <= stopped < 120, "they stopped mid-run, with a checkpoint"
+    run_cli(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides])
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 121))
+
+
+def test_a_lease_renewed_from_another_node_is_refused_and_a_stale_one_taken_over(tmp_path):
+    """Where the file system keeps locks per node, the lock file's heartbeat stands in for the lock."""
+    from smim_dist.engine.run_lock import LOCK_FILE, RunLock
+
+    lease = tmp_path / LOCK_FILE
+    other = {"host": "node-b", "pid": 4242, "started": time.time()}
+    lease.write_text(json.dumps({**other, "heartbeat": time.time()}))
+    renewing = threading.Event()
+
+    def renew():
+        while not renewing.wait(0.2):
+            lease.write_text(json.dumps({**other, "heartbeat": time.time()}))
+
+    threading.Thread(target=renew, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="being trained by pid 4242 on node-b .*its lease is renewed"):
+            RunLock(tmp_path).acquire(stale_after=2.0)
+    finally:
+        renewing.set()
+    lease.write_text(json.dumps({**other, "heartbeat": time.time() - 10}))
+    lock = RunLock(tmp_path).acquire(stale_after=2.0)
+    assert json.loads(lease.read_bytes())["host"] == socket.gethostname()
+    lock.release()

@@ -8,7 +8,10 @@ stop after the same step and write the checkpoint together.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -31,6 +34,19 @@ class StopSignals:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
+
+    def watch_parent(self, interval: float = 1.0) -> StopSignals:
+        """A worker of an agent (torchrun, launchers/local.py) stops as on SIGTERM when the agent dies without
+        sending one (SIGKILL, OOM): left running, it would train on beside the workers a relaunch starts."""
+        parent = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(interval)
+            self._record(signal.SIGTERM, None)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+        return self
 
     def __call__(self) -> bool:
         return self.received is not None
