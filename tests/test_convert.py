@@ -436,3 +436,30 @@ def test_shard_cut_between_members_is_reported(tmp_path):
                                           "kept the 1 samples before it"},
             {"path": f"{path}:1", "reason": "cut off by the shard's error"},
         ]
+
+
+def test_a_killed_conversion_leaves_no_writer_and_its_temporary_is_removed_by_the_next(tmp_path):
+    """SIGKILL to smim-convert while FFCV writes: the writer (its own process group) ends too instead of finishing a
+    hidden file nobody removes, and the next conversion into that folder removes what the dead one left."""
+    import psutil
+
+    src = tmp_path / "src" / "noise"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(300):
+        Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(src / f"{index}.png")
+    out = tmp_path / "out" / "noise.beton"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "smim_dist.data.convert_cli", "imagefolder", str(src.parent),
+                             str(out), "--raw", "--max-side", "320", "--workers", "1"], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not [p for p in out.parent.glob(".noise.beton.tmp-*") if p.stat().st_size > (1 << 20)]:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    writers = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.communicate()
+    _, alive = psutil.wait_procs(writers, timeout=60)
+    assert not alive, "the writer outlived smim-convert"
+    assert list(out.parent.glob(".noise.beton.tmp-*")), "what the killed conversion left"
+    assert _main("imagefolder", src.parent, out, "--raw", "--max-side", "320")[0] == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["noise.beton", "noise.beton.report.json"]

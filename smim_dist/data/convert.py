@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from smim_dist.data.tar_index import Member, index_tar, read_member
+from smim_dist.files import private_name, remove_abandoned
 
 __all__ = ["EXTENSIONS", "UsageError", "convert_imagefolder", "convert_webdataset"]
 
@@ -161,17 +162,19 @@ def _shrunk(image: Image.Image, max_side: int, resample) -> np.ndarray:
     return np.asarray(image)
 
 
-def _watch(writer, samples: _Samples) -> None:
-    """End the writing process group when a worker fails. FFCV 1.0.2's writer waits for a sample count that a dead
-    worker never delivers, so it would hang forever; the parent sees the killed process and cleans up."""
+def _watch(writer, samples: _Samples, parent: int) -> None:
+    """End the writing process group when a worker fails, or when the converting process is gone (killed: nobody
+    would rename or remove the file). FFCV 1.0.2's writer waits for a sample count that a dead worker never
+    delivers, so it would hang forever; the parent sees the killed process and cleans up."""
     workers = {}
     while True:
         time.sleep(0.2)
         workers.update((proc.pid, proc) for proc in multiprocessing.active_children())
         dead = [f"{pid} exited with {proc.exitcode}" for pid, proc in workers.items() if proc.exitcode not in (None, 0)]
-        if samples.failed.value or dead:
-            print(f"smim-convert: stopping the writer: {', '.join(dead) or 'a sample failed'}", file=sys.stderr,
-                  flush=True)
+        orphaned = os.getppid() != parent
+        if samples.failed.value or dead or orphaned:
+            reason = "smim-convert is gone" if orphaned else ", ".join(dead) or "a sample failed"
+            print(f"smim-convert: stopping the writer: {reason}", file=sys.stderr, flush=True)
             with contextlib.suppress(FileNotFoundError):  # FFCV unlinks it once every sample is in
                 writer.metadata_sm.unlink()
             os.killpg(0, signal.SIGKILL)
@@ -179,13 +182,14 @@ def _watch(writer, samples: _Samples) -> None:
 
 def _write(tmp: str, samples: _Samples, jpeg_quality: int, page_size: int, workers: int, chunk_size: int) -> None:
     """Body of the writing process: its own process group, so one signal stops it and FFCV's workers together."""
+    parent = os.getppid()
     os.setpgid(0, 0)
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
 
     samples.failed = multiprocessing.RawValue("b", 0)
     writer = DatasetWriter(tmp, samples.fields(jpeg_quality), page_size=page_size, num_workers=workers)
-    threading.Thread(target=_watch, args=(writer, samples), daemon=True).start()
+    threading.Thread(target=_watch, args=(writer, samples, parent), daemon=True).start()
     writer.from_indexed_dataset(samples, chunksize=chunk_size)
     reader = Reader(tmp)
     written, images = np.sort(reader.alloc_table["sample_id"]), samples.IMAGES_PER_SAMPLE
@@ -276,8 +280,10 @@ def _convert(source: str, samples: list[tuple[str, str | Member, int]], skipped:
     page_size = _PAGE
     while page_size < dataset.PAGE_BYTES_PER_PIXEL * largest + (1 << 20):
         page_size *= 2
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp_report = out.parent / f".{out.name}.report.json.tmp-{os.getpid()}"
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.report.json.tmp-"):
+        remove_abandoned(out.parent, prefix)
+    tmp = out.parent / private_name(f".{out.name}.tmp-")
+    tmp_report = out.parent / private_name(f".{out.name}.report.json.tmp-")
     report_path = out.parent / f"{out.name}.report.json"
     try:
         _write_in_group(tmp, dataset(good, max_side, share), settings["jpeg_quality"], page_size,

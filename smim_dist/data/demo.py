@@ -19,7 +19,6 @@ import numbers
 import os
 import secrets
 import shutil
-import socket
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +27,7 @@ import webdataset
 from PIL import Image, ImageDraw
 
 from smim_dist.data.convert import convert_imagefolder
+from smim_dist.files import private_name, remove_abandoned
 
 __all__ = ["CLASS_NAMES", "ensure_demo_dataset", "load_manifest", "render_sample"]
 
@@ -302,15 +302,6 @@ def _write_formats(build: Path, manifest: dict) -> None:
                             "cls": train[index]["label"]})
 
 
-def _remove_abandoned_builds(root: Path) -> None:
-    """The private trees of builds that were killed (SIGKILL, a lost job): their process on this host is gone."""
-    prefix = f".{root.name}.tmp-{socket.gethostname()}-"
-    for build in root.parent.glob(f"{prefix}*"):
-        pid = build.name.removeprefix(prefix).split("-")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(build, ignore_errors=True)
-
-
 def ensure_demo_dataset(
     root: str | Path, num_train: int = 2048, num_val: int = 512, size: int = 96, seed: int = 0, workers: int = 0
 ) -> Path:
@@ -335,8 +326,8 @@ def ensure_demo_dataset(
         return root
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(root)
-    build = root.parent / f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    remove_abandoned(root.parent, f".{root.name}.tmp-")
+    build = root.parent / f"{private_name(f'.{root.name}.tmp-')}-{secrets.token_hex(4)}"
     build.mkdir()
     try:
         _build(build, params, workers)
