@@ -462,4 +462,5 @@ def test_a_killed_conversion_leaves_no_writer_and_its_temporary_is_removed_by_th
     assert not alive, "the writer outlived smim-convert"
     assert list(out.parent.glob(".noise.beton.tmp-*")), "what the killed conversion left"
     assert _main("imagefolder", src.parent, out, "--raw", "--max-side", "320")[0] == 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["noise.beton", "noise.beton.report.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["noise.beton", "noise.beton.report.json",
+                                                           "noise.beton.sha256"]

@@ -115,7 +115,8 @@ def test_bad_ffcv_input_is_refused_with_what_to_do(demo_root, tmp_path):
     with pytest.raises(ConfigError, match="median longest side of 64 px, smaller than model.img_size=96"):
         build_pretrain_loader(config(demo_root, "model.img_size=96"), 0, 1)
     with pytest.raises(ConfigError, match="holds 64 images, fewer than one global batch of 128"):
-        build_pretrain_loader(config(demo_root, "optim.global_batch=128"), 0, 1)
+        build_pretrain_loader(config(demo_root, "data.demo=false", f"data.path={demo_root / 'train.beton'}",
+                                     "optim.global_batch=128"), 0, 1)
 
 
 def test_eval_loader_gives_centre_crops_with_labels_split_over_ranks(demo_root):

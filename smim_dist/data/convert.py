@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from smim_dist.data.tar_index import Member, index_tar, read_member
+from smim_dist.data.beton_check import record_checksum
 from smim_dist.files import private_name, remove_abandoned
 
 __all__ = ["EXTENSIONS", "UsageError", "convert_imagefolder", "convert_webdataset"]
@@ -296,6 +297,7 @@ def _convert(source: str, samples: list[tuple[str, str | Member, int]], skipped:
             "bytes": tmp.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
         }
         tmp_report.write_text(json.dumps(report, indent=1) + "\n")
+        record_checksum(tmp, out.name)
         os.replace(tmp, out)
         os.replace(tmp_report, report_path)
     finally:

@@ -5,8 +5,10 @@ do the work).
     smim-convert imagefolder /data/imagenet/train /data/ffcv/in1k_train.beton --max-side 512 --compress-share 0.5
     smim-convert webdataset '/data/laion/{00000..00099}.tar' /data/ffcv/laion.beton --max-side 512
     smim-convert segmentation /data/ade/images/validation /data/ade/annotations/validation /data/ffcv/ade_val.beton
+    smim-convert verify /data/ffcv/in1k_train.beton
 
-``segmentation`` pairs images with label maps of the same file stem and stores image, mask and index.
+``segmentation`` pairs images with label maps of the same file stem and stores image, mask and index. Every output
+gets its checksum beside it (OUT.beton.sha256), which ``verify`` and training check.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from smim_dist.data.beton_check import checksum_file, checksum_problem, structure_problem
 from smim_dist.data.convert import UsageError, convert_imagefolder, convert_webdataset
 from smim_dist.data.segmentation import convert_segmentation
 
@@ -50,6 +53,20 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
+def _verify(path: Path) -> int:
+    """0: whole; 1: damaged; 2: not there."""
+    if not path.is_file():
+        print(f"smim-convert: error: {path} is not a file", file=sys.stderr)
+        return 2
+    problem = structure_problem(path) or checksum_problem(path)
+    if problem:
+        print(f"smim-convert: {path} is damaged: {problem}; rewrite it", file=sys.stderr)
+        return 1
+    checked = "structure and checksum" if checksum_file(path).exists() else "structure (no checksum was written)"
+    print(f"{path}: {checked} ok")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smim-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     pairs.add_argument("source", metavar="images", type=Path, help="the image folder, searched recursively")
     pairs.add_argument("masks", type=Path, help="the label-map folder, searched recursively")
     _add_options(pairs)
+    verify = sub.add_parser("verify", help="check a .beton's structure and its bytes against the checksum written "
+                                           "beside it (OUT.beton.sha256)")
+    verify.add_argument("beton", type=Path)
     args = parser.parse_args(argv)
+    if args.layout == "verify":
+        return _verify(args.beton)
     if args.layout == "segmentation":
         convert = functools.partial(_segmentation, masks=args.masks)
     else:

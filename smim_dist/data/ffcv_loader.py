@@ -25,6 +25,7 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from smim_dist.config import Config, ConfigError
+from smim_dist.data.beton_check import open_beton
 from smim_dist.data.ffcv_ops import EpochClock, ResizeDecoder, SeededCropDecoder, SeededPatchMasks
 from smim_dist.data.sampler import ResumableDistributedSampler
 from smim_dist.masking import build_mask_generator
@@ -35,17 +36,14 @@ EVAL_CROP_RATIO = 224 / 256
 """centre crop = this share of the shorter side, as in the standard ImageNet evaluation"""
 
 
-def check_beton(path: str | Path, img_size: int, min_samples: int) -> Reader:
-    """Open a .beton and check it can feed pre-training; errors name the file and what to do."""
+def check_beton(path: str | Path, img_size: int, min_samples: int, verify: bool = False) -> Reader:
+    """Open a .beton and check it can feed pre-training (``verify``: its checksum too, where that is cheap); errors
+    name the file and what to do."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data.path={str(path)!r} does not exist; data.source=ffcv reads a .beton file written by "
                           "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
-    try:
-        reader = Reader(str(path))
-    except Exception as err:
-        raise ConfigError(f"data.path={str(path)!r} is not a readable FFCV file ({type(err).__name__}: {err}); "
-                          "rewrite it with smim-convert") from None
+    reader = open_beton(path, verify)
     fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
     for name, kind in REQUIRED_FIELDS.items():
         if not isinstance(reader.handlers.get(name), kind):
@@ -102,7 +100,7 @@ class FFCVPretrainLoader:
     """Iterates one epoch per ``iter()``; ``set_epoch(epoch, start_batch)`` positions it, as for the sampler."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device | None = None):
-        reader = check_beton(cfg.data.path, cfg.model.img_size, cfg.optim.global_batch)
+        reader = check_beton(cfg.data.path, cfg.model.img_size, cfg.optim.global_batch, verify=rank == 0)
         self.sampler = ResumableDistributedSampler(reader.num_samples, cfg.optim.micro_batch_size(world_size),
                                                    cfg.optim.accumulation_steps(world_size), rank, world_size, cfg.seed)
         self.clock = EpochClock()
@@ -186,7 +184,7 @@ class FFCVEvalLoader:
 
     def __init__(self, path: str | Path, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 4):
-        num_samples = Reader(str(path)).num_samples
+        num_samples = open_beton(path).num_samples
         self.loader = _new_loader(
             fname=str(path), batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
             drop_last=False, indices=np.arange(rank, num_samples, world_size, dtype=np.uint64),
@@ -214,7 +212,7 @@ class FFCVSegmentationLoader:
         if not path.is_file():
             raise ConfigError(f"segmentation data {str(path)!r} does not exist; write it with `smim-convert "
                               "segmentation IMAGES MASKS OUT.beton`")
-        reader = Reader(str(path))
+        reader = open_beton(path)
         kinds = {"image": RGBImageField, "mask": RGBImageField, "index": IntField}
         if not all(isinstance(reader.handlers.get(name), kind) for name, kind in kinds.items()):
             fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
