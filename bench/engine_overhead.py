@@ -147,8 +147,9 @@ def main() -> None:
             ds_config.update(torch_autocast={"enabled": True, "dtype": "bfloat16"}, gradient_clipping=cfg.optim.clip_grad)
             ds_config["zero_optimization"]["compute_grad_norm"] = True
         model = copy.deepcopy(base).to(device)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config, optimizer=torch.optim.AdamW(
-            param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True))
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decayed_tokens)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                          optimizer=torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=True))
         if norm_inside_adamw(cfg) and not args.torch_autocast:
             clip_inside_adamw(engine, cfg.optim.clip_grad)
         input_dtype = torch.float32 if args.torch_autocast else dtype

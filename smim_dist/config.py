@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class ModelConfig:
     """[PROXY] tokens in proxy mode, the first doubles as [CLS]; vanilla always has one [CLS]"""
     drop_path: float = 0.1
     layer_scale_init: float | None = 0.1
+    rescale_init: bool = True
+    """divide each residual branch's output projection by sqrt(2 x layer) at initialisation (BEiT's init); the
+    MaskFeat authors train a plain ViT without it"""
+    mlp_init: str = "trunc_normal"
+    """trunc_normal (std 0.02, like every other linear layer) | xavier (xavier-uniform weights, near-zero biases:
+    the MLPs of mmpretrain's ViT layers, which the BEiT authors train)"""
     qkv_bias: bool = True
     grad_checkpointing: bool = False
 
@@ -107,6 +114,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 3.0
     """global grad-norm clip; 0 turns it off"""
+    decayed_tokens: tuple[str, ...] = ()
+    """learned tokens that get weight decay all the same (cls_token, reg_token, pos_embed, mask_token): none by
+    default; the authors decay mask_token for BEiT, the [CLS] / [PROXY] tokens and pos_embed for MaskFeat"""
 
     def micro_batch_size(self, world_size: int) -> int:
         """Images per rank per micro-step on ``world_size`` ranks (see ``micro_batch``)."""
@@ -226,6 +236,7 @@ CHOICES = {
     "model.mode": ("proxy", "vanilla"),
     "target.kind": ("beit", "maskfeat", "pixels"),
     "mask.kind": ("random", "block"),
+    "model.mlp_init": ("trunc_normal", "xavier"),
     "data.source": ("ffcv", "imagefolder", "webdataset"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "log.wandb_mode": ("offline", "online", "disabled"),
@@ -315,7 +326,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.num_proxy={cfg.model.num_proxy}: proxy mode needs at least one [PROXY] token")
     if not 0 <= cfg.model.drop_path < 1:
         raise ConfigError(f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
-    num_masked = round(cfg.mask.ratio * num_patches)
+    num_masked = math.ceil(cfg.mask.ratio * num_patches - 1e-9)
     if not 0 < num_masked < num_patches:
         raise ConfigError(f"mask.ratio={cfg.mask.ratio} masks {num_masked} of {num_patches} patches; at least one "
                           "patch must stay visible and one be masked")
@@ -386,6 +397,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every_epochs={cfg.checkpoint.every_epochs}, keep_last="
                           f"{cfg.checkpoint.keep_last} must be >= 1 and keep_every_epochs="
                           f"{cfg.checkpoint.keep_every_epochs} >= 0")
+    tokens = ("cls_token", "reg_token", "pos_embed", "mask_token")
+    if not set(optim.decayed_tokens) <= set(tokens):
+        raise ConfigError(f"optim.decayed_tokens={list(optim.decayed_tokens)}: choose among {', '.join(tokens)}")
     unknown = [name for name in cfg.eval.protocols if name not in JOB_PROTOCOLS]
     if unknown or not cfg.eval.protocols or len(set(cfg.eval.protocols)) < len(cfg.eval.protocols):
         raise ConfigError(f"eval.protocols={list(cfg.eval.protocols)}: list each once, from {', '.join(JOB_PROTOCOLS)}")

@@ -25,12 +25,20 @@ def test_paper_configs_carry_table_2(tmp_path):
     assert (maskfeat.mask.kind, maskfeat.mask.ratio) == ("random", 0.6)
     assert (maskfeat.optim.lr, maskfeat.optim.min_lr, maskfeat.optim.warmup_epochs) == (1.6e-3, 1e-6, 30)
     assert (maskfeat.optim.clip_grad, maskfeat.data.crop_scale, maskfeat.optim.global_batch) == (0.02, (0.5, 1.0), 2048)
+    assert (maskfeat.model.drop_path, maskfeat.model.layer_scale_init, maskfeat.model.rescale_init,
+            maskfeat.model.mlp_init) == (0.0, None, False, "trunc_normal"), "the authors' plain ViT"
+    assert maskfeat.optim.decayed_tokens == ("cls_token", "reg_token", "pos_embed")
     vanilla = load_config(REPO / "configs/maskfeat_vanilla.yaml", data)
     assert (vanilla.model.mode, vanilla.mask.ratio, vanilla.model.num_prefix) == ("vanilla", 0.4, 1)
+    assert vanilla.mask.kind == "random", "Sec. 4.3: random patch masking for the baselines too"
     weights = write(tmp_path / "encoder.pt", "")
     beit = load_config(REPO / "configs/beit_proxy.yaml", [*data, f"target.tokenizer_path={weights}"])
     assert (beit.optim.lr, beit.optim.min_lr, beit.optim.warmup_epochs, beit.optim.clip_grad) == (1.5e-3, 1e-5, 10, 3.0)
     assert (beit.data.crop_scale, beit.data.color_jitter, beit.optim.betas) == ((0.08, 1.0), 0.4, (0.9, 0.999))
+    assert (beit.model.drop_path, beit.model.layer_scale_init, beit.model.rescale_init, beit.model.mlp_init,
+            beit.optim.decayed_tokens) == (0.1, 0.1, True, "xavier", ("mask_token",))
+    beit_vanilla = load_config(REPO / "configs/beit_vanilla.yaml", [*data, f"target.tokenizer_path={weights}"])
+    assert (beit_vanilla.mask.kind, beit_vanilla.mask.ratio) == ("random", 0.4)
 
 
 def test_base_chain_and_overrides(tmp_path):
@@ -70,7 +78,8 @@ def test_whole_numbers_in_any_notation_fill_int_fields_and_fractions_do_not():
     ("", ["model.size=huge"], "model.size='huge' is not one of"),
     ("", ["model.mode=proxi"], "did you mean 'proxy'?"),
     ("", ["mask.ratio=1.0"], "mask.ratio=1.0 masks 196 of 196 patches"),
-    ("", ["mask.ratio=0.001"], "masks 0 of 196"),
+    ("", ["mask.ratio=0.0"], "masks 0 of 196"),
+    ("", ["mask.ratio=0.999"], "masks 196 of 196"),
     ("", ["model.img_size=200"], "image size 200x200 is not divisible by patch size 16"),
     ("", ["model.num_proxy=0"], "model.num_proxy=0"),
     ("", ["optim.micro_batch=0"], "optim.micro_batch=0: both must be at least 1"),

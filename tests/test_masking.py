@@ -22,7 +22,6 @@ KINDS = ["random", "block"]
 def test_exact_count_dtype_shape(kind, grid, ratio):
     gen = build_mask_generator(kind, grid, ratio)
     n = grid[0] * grid[1]
-    assert gen.num_masked == round(ratio * n)
     for seed in range(200):
         mask = gen(sample_key(0, 0, seed))
         assert mask.dtype == np.bool_
@@ -156,11 +155,18 @@ def test_bad_aspect(kwargs):
         BlockMaskGenerator((14, 14), 75, **kwargs)
 
 
+@pytest.mark.parametrize("grid, ratio, count", [((14, 14), 0.4, 79), ((14, 14), 0.6, 118), ((14, 14), 0.75, 147),
+                                                ((7, 7), 0.4, 20), ((2, 5), 0.3, 3), ((8, 8), 0.6, 39)])
+def test_the_masked_count_rounds_up_as_the_authors_count(grid, ratio, count):
+    """ceil(ratio x patches) (79 of 196 at 40%, where rounding gives 78); 0.3 x 10 stays 3 despite floating point."""
+    assert build_mask_generator("random", grid, ratio).num_masked == count
+
+
 def test_build_forwards_options_and_repr():
     gen = build_mask_generator("block", (14, 14), 0.4, min_block_patches=8)
     assert isinstance(gen, BlockMaskGenerator)
-    assert (gen.num_masked, gen.min_block_patches, gen.max_aspect) == (78, 8, pytest.approx(1 / 0.3))
-    assert "num_masked=78 of 196" in repr(gen)
+    assert (gen.num_masked, gen.min_block_patches, gen.max_aspect) == (79, 8, pytest.approx(1 / 0.3))
+    assert "num_masked=79 of 196" in repr(gen)
     assert repr(build_mask_generator("random", (14, 14), 0.75)) == (
         "RandomMaskGenerator(grid=(14, 14), num_masked=147 of 196)"
     )

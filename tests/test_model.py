@@ -144,6 +144,38 @@ def test_beit_init_rescales_residual_outputs_in_both_stacks():
         assert abs(stack[0].attn.proj.weight.std() / 0.02 * 2 ** 0.5 - 1) < 0.1
 
 
+def test_the_maskfeat_init_is_a_plain_vit_and_the_beit_mlps_are_xavier():
+    torch.manual_seed(0)
+    plain = MIMModel(ModelConfig(size="tiny", mode="proxy", img_size=32, rescale_init=False), target_dim=8)
+    for stack in (plain.encoder.blocks, plain.recon_blocks):
+        for block in (stack[0], stack[-1]):
+            for linear in (block.mlp.fc2, block.attn.proj):
+                assert abs(linear.weight.std() / 0.02 - 1) < 0.05
+    xavier = MIMModel(ModelConfig(size="tiny", mode="proxy", img_size=32, mlp_init="xavier"), target_dim=8)
+    fc1 = xavier.encoder.blocks[0].mlp.fc1
+    bound = math.sqrt(6 / (fc1.in_features + fc1.out_features))
+    assert fc1.weight.abs().max() <= bound and fc1.weight.abs().max() > 0.95 * bound
+    assert 0 < fc1.bias.abs().max() < 1e-5
+    last_fc2 = xavier.encoder.blocks[-1].mlp.fc2
+    assert last_fc2.weight.abs().max() <= math.sqrt(6 / (last_fc2.in_features + last_fc2.out_features)) / math.sqrt(24)
+
+
+def test_weight_decay_reaches_the_tokens_a_recipe_names_only():
+    from smim_dist.engine.deepspeed_setup import param_groups
+
+    model = make("proxy")
+    names = {id(param): name for name, param in model.named_parameters()}
+
+    def decayed(tokens):
+        group = param_groups(model, 0.05, tokens)[0]
+        return sorted(names[id(param)] for param in group["params"] if names[id(param)].endswith(("token", "embed")))
+
+    assert decayed(()) == []
+    assert decayed(("mask_token",)) == ["mask_token"]
+    assert decayed(("cls_token", "reg_token", "pos_embed")) == ["encoder.cls_token", "encoder.pos_embed",
+                                                                "encoder.reg_token"]
+
+
 @pytest.mark.parametrize("drop_path", [0.0, 0.5])
 def test_gradient_checkpointing_matches_plain_backward(drop_path):
     """The recomputed forward replays the drop-path draws of the first one."""

@@ -35,9 +35,10 @@ def set_fp32_precision(tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases (every tensor of rank <= 1), tokens and position embeddings."""
-    skip = model.no_weight_decay()
+def param_groups(model: nn.Module, weight_decay: float, decayed_tokens: tuple[str, ...] = ()) -> list[dict]:
+    """AdamW groups: no decay on norms, biases (every tensor of rank <= 1), tokens and position embeddings, except
+    the tokens named in ``decayed_tokens`` (the authors' recipes decay some)."""
+    skip = {name for name in model.no_weight_decay() if not name.endswith(tuple(decayed_tokens))}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -92,7 +93,8 @@ def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
 def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.device):
     """Wrap the model in a DeepSpeed engine with torch's fused AdamW (one kernel over all tensors, CPU and GPU: 7.7x
     the default per-tensor loop on a ViT-S CPU step, bench/README.md); the LR is set per step by the loop."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decayed_tokens)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=True)
     num_params = sum(param.numel() for param in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -40,11 +40,12 @@ class MIMModel(nn.Module):
             ReconBlock(size.embed_dim, size.num_heads, size.mlp_ratio, cfg.qkv_bias, cfg.layer_scale_init, rate)
             for rate in drop_path_rates(cfg.drop_path, size.depth)) if cfg.mode == "proxy" else None
         self.head = nn.Linear(size.embed_dim, target_dim)
-        self._init_weights()
+        self._init_weights(cfg.mlp_init, cfg.rescale_init)
 
-    def _init_weights(self) -> None:
-        """BEiT initialisation: truncated normal 0.02, then each residual branch's output projection scaled down by
-        sqrt(2 * layer) so deep stacks start near identity; the twins get the same treatment as the blocks."""
+    def _init_weights(self, mlp_init: str, rescale: bool) -> None:
+        """Truncated normal 0.02 (the MLPs xavier-uniform with ``mlp_init="xavier"``), then, with ``rescale``, each
+        residual branch's output projection scaled down by sqrt(2 * layer) so deep stacks start near identity (BEiT);
+        the twins get the same treatment as the blocks."""
         for param in (self.encoder.cls_token, self.encoder.reg_token, self.encoder.pos_embed, self.mask_token):
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02)
@@ -56,10 +57,16 @@ class MIMModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for stack in (self.encoder.blocks, self.recon_blocks or []):
+        stacks = [self.encoder.blocks, *([self.recon_blocks] if self.recon_blocks is not None else [])]
+        for stack in stacks:
             for layer, block in enumerate(stack, start=1):
-                block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
-                block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+                if mlp_init == "xavier":
+                    for linear in (block.mlp.fc1, block.mlp.fc2):
+                        nn.init.xavier_uniform_(linear.weight)
+                        nn.init.normal_(linear.bias, std=1e-6)
+                if rescale:
+                    block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+                    block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
 
     def no_weight_decay(self) -> set[str]:
         """Tokens and position embeddings are exempt from weight decay (norms and biases are found by shape)."""
