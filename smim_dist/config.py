@@ -59,6 +59,9 @@ class ModelConfig:
 class TargetConfig:
     kind: str = "maskfeat"
     """beit (DALL-E tokens, cross-entropy) | maskfeat (HOG, L2) | pixels (normalised pixels, L2)"""
+    norm_pix: bool = True
+    """kind=pixels: standardise each patch by its own mean and variance (MAE's norm_pix_loss); false: the pixels as
+    the normalised image has them"""
     tokenizer_path: str | None = None
     """DALL-E dVAE encoder weights for kind=beit: state dict (.pt/.pth/.safetensors) or OpenAI's encoder.pkl"""
     trust_pickle: bool = False

@@ -307,3 +307,16 @@ def test_compiled_training_step_is_one_graph_that_never_recompiles(mode, grad_ch
             torch.testing.assert_close(results[1], results[0])
     for (name, param), twin in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(twin.grad, param.grad, msg=name)
+
+
+def test_the_pixel_target_standardises_each_patch_or_keeps_its_colour():
+    from smim_dist.targets.pixels import PixelTarget
+
+    images = torch.zeros(1, 3, 16, 16)
+    images[:, :, :8, :8] = 2.0  # a flat patch
+    images[:, 0, 8:, 8:] = torch.arange(64, dtype=torch.float32).view(8, 8)  # a ramp in one channel
+    per_patch, raw = PixelTarget(8)(images), PixelTarget(8, per_patch=False)(images)
+    assert raw.shape == per_patch.shape == (1, 4, 192)
+    assert torch.equal(raw[0, 0], torch.full((192,), 2.0)), "a flat patch keeps its colour"
+    assert per_patch[0, 0].abs().max() == 0 and torch.allclose(per_patch[0, 3].mean(), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(per_patch[0, 3].var(), torch.tensor(1.0), atol=1e-4)

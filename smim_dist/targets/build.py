@@ -47,7 +47,7 @@ def build_target(cfg: Config) -> MIMTarget:
         hog = HOGTarget(patch_size=cfg.model.patch_size)
         return MIMTarget(kind, hog, hog.out_dim)
     if kind == "pixels":
-        pixels = PixelTarget(patch_size=cfg.model.patch_size)
+        pixels = PixelTarget(patch_size=cfg.model.patch_size, per_patch=cfg.target.norm_pix)
         return MIMTarget(kind, pixels, pixels.out_dim)
     tokenizer = DalleTokenizer.from_file(cfg.target.tokenizer_path, trust_pickle=cfg.target.trust_pickle,
                                          fp16_on_gpu=cfg.target.tokenizer_fp16)
