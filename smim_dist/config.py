@@ -93,6 +93,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """webdataset: samples each loader worker shuffles among"""
     demo_images: int = 2048
+    demo_scenes: str = "shapes"
+    """shapes (the demo) | layouts (two-colour layouts whose class decides what a masked patch holds: the data of
+    the learning experiment, docs/experiments.md)"""
     num_workers: int = 4
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
@@ -241,6 +244,7 @@ CHOICES = {
     "mask.kind": ("random", "block"),
     "model.mlp_init": ("trunc_normal", "xavier"),
     "data.source": ("ffcv", "imagefolder", "webdataset"),
+    "data.demo_scenes": ("shapes", "layouts"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }

@@ -1,3 +1,4 @@
+import json
 import multiprocessing
 from pathlib import Path
 
@@ -5,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smim_dist.data import demo
+from smim_dist.data import demo, demo_layouts
 from smim_dist.data.demo import CLASS_NAMES, ensure_demo_dataset, load_manifest, render_sample
+from smim_dist.data.demo_layouts import LAYOUT_NAMES
 
 SMALL = dict(num_train=24, num_val=12, size=64, seed=3)
 
@@ -41,6 +43,46 @@ def test_labels_match_masks_and_classes_are_balanced():
     assert np.bincount([label for *_, label in samples], minlength=6).tolist() == [4] * 6
     means = np.array([image.reshape(-1, 3).mean(0) for image, *_ in samples])
     assert means.std(0).min() > 10, "images should differ in colour"
+
+
+def test_each_layout_is_its_class_whatever_the_colours_and_survives_the_flip():
+    """The layouts scenes: the label decides where the two colours meet (the mask is the second colour's region), the
+    colours are random, and a horizontal flip (pre-training's augmentation) leaves a layout of the same class."""
+    samples = [render_sample(0, "train", i, 64, "layouts") for i in range(48)]
+    assert np.bincount([label for *_, label in samples], minlength=6).tolist() == [8] * 6
+    for image, mask, label in samples:
+        assert set(np.unique(mask)) == {0, label + 1}
+        inside, outside = image[mask > 0], image[mask == 0]
+        assert (inside == inside[0]).all() and (outside == outside[0]).all(), "two flat colours, no grain"
+        assert np.abs(inside[0].astype(int) - outside[0]).sum() > 0
+    colours = np.array([image.reshape(-1, 3).mean(0) for image, *_ in samples])
+    assert colours.std(0).min() > 20, "colour says nothing about the class"
+    centres = (np.arange(64) + 0.5) / 32 - 1
+    v, u = np.meshgrid(centres, centres, indexing="ij")
+    for name in LAYOUT_NAMES:
+        flipped = demo_layouts._region(name, u, v, 0.15, -0.1)[:, ::-1]
+        mirrored = demo_layouts._region(name, u, v, -0.15, -0.1)
+        assert np.array_equal(flipped, mirrored) or np.array_equal(flipped, ~mirrored), name
+
+
+def test_the_layouts_scenes_build_their_own_classes_and_are_refused_over_shapes(tmp_path):
+    root = ensure_demo_dataset(tmp_path / "layouts", **SMALL, scenes="layouts")
+    manifest = load_manifest(root)
+    assert manifest["scenes"] == "layouts" and manifest["class_names"] == list(LAYOUT_NAMES)
+    assert sorted(p.name for p in (root / "train").iterdir()) == sorted(LAYOUT_NAMES)
+    shapes = ensure_demo_dataset(tmp_path / "shapes", **SMALL)
+    with pytest.raises(ValueError, match=r"'scenes': 'shapes'.*'scenes': 'layouts'.*data\.path"):
+        ensure_demo_dataset(shapes, **SMALL, scenes="layouts")
+    with pytest.raises(ValueError, match="scenes must be one of"):
+        ensure_demo_dataset(tmp_path / "other", **SMALL, scenes="stripes")
+
+
+def test_a_demo_set_built_before_the_layouts_existed_still_counts_as_shapes(tmp_path):
+    root = ensure_demo_dataset(tmp_path / "demo", **SMALL)
+    manifest = load_manifest(root)
+    del manifest["scenes"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert ensure_demo_dataset(root, **SMALL) == root
 
 
 @pytest.mark.parametrize("bad", [dict(split="test"), dict(size=8), dict(index=-1), dict(seed=True)])

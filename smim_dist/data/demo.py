@@ -1,4 +1,5 @@
-"""The embedded demo dataset: synthetic shape scenes generated in-project from a seed.
+"""The embedded demo dataset: synthetic shape scenes (or two-colour layouts, ``demo_layouts``) generated in-project
+from a seed.
 
 The CPU demo and the evaluation tests need labelled, segmented images that ship with the code, need no download and are
 learnable in minutes. Each image holds one to three shapes of six classes over a textured background (a gradient plus
@@ -27,13 +28,15 @@ import webdataset
 from PIL import Image, ImageDraw
 
 from smim_dist.data.convert import convert_imagefolder
+from smim_dist.data.demo_layouts import LAYOUT_NAMES, render_layout
 from smim_dist.files import private_name, remove_abandoned
 
-__all__ = ["CLASS_NAMES", "ensure_demo_dataset", "load_manifest", "render_sample"]
+__all__ = ["CLASS_NAMES", "SCENES", "class_names", "ensure_demo_dataset", "load_manifest", "render_sample"]
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
 """Alphabetical, because ImageFolder numbers classes by sorted folder name: index here == ImageFolder's target."""
 
+SCENES = ("shapes", "layouts")
 SPLITS = {"train": 0, "val": 1}
 VERSION = 2
 """Bump whenever rendering changes, so an old cache is refused instead of silently mixed with new images."""
@@ -56,6 +59,12 @@ class _Shape(NamedTuple):
     angle: float
     colour: np.ndarray
     shade_angle: float
+
+
+def class_names(scenes: str) -> tuple[str, ...]:
+    if scenes not in SCENES:
+        raise ValueError(f"scenes must be one of {list(SCENES)}, got {scenes!r}")
+    return CLASS_NAMES if scenes == "shapes" else LAYOUT_NAMES
 
 
 def _is_int(value) -> bool:
@@ -182,14 +191,19 @@ def _dominant(mask: np.ndarray, cls: int) -> bool:
     return counts[cls] > 0 and counts[cls] >= _DOMINANCE * others.max()
 
 
-def render_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+def render_sample(seed: int, split: str, index: int, size: int, scenes: str = "shapes"
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
     """One image (HxWx3 uint8), its mask (HxW uint8, 0 = background, 1 + class index) and its label."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    class_names(scenes)
     _check_int("seed", seed, 0)
     _check_int("index", index, 0)
     _check_int("size", size, 16)
     rng = np.random.default_rng([seed, SPLITS[split], index])
+    if scenes == "layouts":
+        label = _target_class(seed, SPLITS[split], index)
+        return (*render_layout(rng, label, size), label)
     centres = np.arange(size, dtype=np.float32) + 0.5
     py, px = np.meshgrid(centres, centres, indexing="ij")
     image = _background(rng, px / size * 2 - 1, py / size * 2 - 1)
@@ -217,15 +231,15 @@ def render_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndar
     return np.ascontiguousarray(image), mask, int(np.argmax(counts))
 
 
-def _paths(split: str, index: int, label: int) -> tuple[str, str]:
-    return f"{split}/{CLASS_NAMES[label]}/{index:06d}.png", f"masks/{split}/{index:06d}.png"
+def _paths(split: str, index: int, label: int, scenes: str) -> tuple[str, str]:
+    return f"{split}/{class_names(scenes)[label]}/{index:06d}.png", f"masks/{split}/{index:06d}.png"
 
 
-def _write_sample(job: tuple[str, int, str, int, int]) -> int:
+def _write_sample(job: tuple[str, int, str, int, int, str]) -> int:
     """Render and save one sample under ``build``; module-level so a Pool can pickle it."""
-    build, seed, split, index, size = job
-    image, mask, label = render_sample(seed, split, index, size)
-    image_path, mask_path = _paths(split, index, label)
+    build, seed, split, index, size, scenes = job
+    image, mask, label = render_sample(seed, split, index, size, scenes)
+    image_path, mask_path = _paths(split, index, label, scenes)
     Image.fromarray(image).save(Path(build) / image_path, compress_level=1)
     Image.fromarray(mask).save(Path(build) / mask_path, compress_level=1)
     return label
@@ -253,7 +267,7 @@ def _check_existing(root: Path, params: dict) -> None:
             f"{root} exists but has no {MANIFEST} (an interrupted build or other data); "
             f"set data.path to another directory or delete {root}"
         ) from None
-    found = {key: manifest.get(key) for key in params}
+    found = {key: manifest.get(key, "shapes" if key == "scenes" else None) for key in params}  # older: shapes only
     if found != params:
         raise ValueError(
             f"{root} holds a demo dataset built with {found}, but {params} was requested; "
@@ -263,11 +277,11 @@ def _check_existing(root: Path, params: dict) -> None:
 
 def _build(build: Path, params: dict, workers: int) -> None:
     for split in SPLITS:
-        for name in CLASS_NAMES:
+        for name in class_names(params["scenes"]):
             (build / split / name).mkdir(parents=True)
         (build / "masks" / split).mkdir(parents=True)
     jobs = [
-        (str(build), params["seed"], split, index, params["size"])
+        (str(build), params["seed"], split, index, params["size"], params["scenes"])
         for split in SPLITS
         for index in range(params[f"num_{split}"])
     ]
@@ -278,9 +292,9 @@ def _build(build: Path, params: dict, workers: int) -> None:
     else:
         labels = [_write_sample(job) for job in jobs]
 
-    manifest = dict(params, class_names=list(CLASS_NAMES), train=[], val=[])
-    for (_, _, split, index, _), label in zip(jobs, labels):
-        image_path, mask_path = _paths(split, index, label)
+    manifest = dict(params, class_names=list(class_names(params["scenes"])), train=[], val=[])
+    for (_, _, split, index, _, _), label in zip(jobs, labels):
+        image_path, mask_path = _paths(split, index, label, params["scenes"])
         manifest[split].append({"image": image_path, "mask": mask_path, "label": label})
     _write_formats(build, manifest)
     (build / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -303,7 +317,8 @@ def _write_formats(build: Path, manifest: dict) -> None:
 
 
 def ensure_demo_dataset(
-    root: str | Path, num_train: int = 2048, num_val: int = 512, size: int = 96, seed: int = 0, workers: int = 0
+    root: str | Path, num_train: int = 2048, num_val: int = 512, size: int = 96, seed: int = 0, workers: int = 0,
+    scenes: str = "shapes",
 ) -> Path:
     """Build the demo dataset at ``root`` unless it is already there with these parameters; return ``root``.
 
@@ -319,8 +334,10 @@ def ensure_demo_dataset(
     _check_int("size", size, 16)
     _check_int("seed", seed, 0)
     _check_int("workers", workers, 0)
+    class_names(scenes)
     root = Path(root)
-    params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "size": size, "seed": seed}
+    params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "size": size, "seed": seed,
+              "scenes": scenes}
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         _check_existing(root, params)
         return root

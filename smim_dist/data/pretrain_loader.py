@@ -60,7 +60,7 @@ def prepare_demo_data(cfg: Config) -> Path:
               flush=True)
     start = time.monotonic()
     ensure_demo_dataset(root, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
-                        size=DEMO_IMAGE_SIZE, seed=0)
+                        size=DEMO_IMAGE_SIZE, seed=0, scenes=cfg.data.demo_scenes)
     if building:
         print(f"built the demo data set in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return root
