@@ -81,7 +81,7 @@ SIZES = {
     "finetune": "--epochs 2 --warmup-epochs 1 --batch-size 16",
     "upernet": "--iters 2 --warmup-iters 1 --batch-size 4 --crop-size 32",
     "attention": "--layer 1 --images 4 --query 1,1",
-    "bench/reproduce_small.py": "--epochs 1 --images 64 --probe-epochs 2 --seg-epochs 1",
+    "bench/reproduce_small.py": "--seeds 0 --epochs 1 --images 64 --probe-epochs 2 --seg-epochs 1",
     "bench/step.py": "--sizes micro --img 32 --batch 4 --warmup 1 --rounds 1 --steps 1",
 }
 """flags appended to an evaluation protocol's or a benchmark's command (the last value of a flag wins): the tiny

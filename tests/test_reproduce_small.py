@@ -1,23 +1,21 @@
-"""``bench/reproduce_small.py`` end to end at the smallest size: both variants pre-train and every column of the table
-is filled with a score in range, so the README's reproduction command keeps working."""
+"""Pre-training must keep beating random initialisation: ``bench/reproduce_small.py`` at its smallest setting (one
+seed, the proxy model, 12 epochs of the layouts scenes, about 4 minutes on 2 cores) compared with the same encoder at
+the weights the run started from. The margins are about half of what this setting measures (docs/experiments.md), so
+a change that stops the encoder from learning the layouts fails here, while float noise between CPUs does not."""
 
 import json
 
-from conftest import TINY, run_cli
+from conftest import run_cli
 
 
-def test_reproduce_small_fills_the_table(tmp_path):
-    # the demo's 64 px: block-wise masking needs more patches than the tests' usual 32 px give
-    tiny = [item for item in TINY if not item.startswith(("optim.epochs", "data.demo_images", "log.", "model.img_size"))]
-    proc = run_cli(["bench/reproduce_small.py", "--out", str(tmp_path), "--epochs", "1", "--images", "64",
-                    "--probe-epochs", "2", "--seg-epochs", "1", *tiny], timeout=900)
+def test_pre_training_beats_random_initialisation(tmp_path):
+    proc = run_cli(["bench/reproduce_small.py", "--out", str(tmp_path), "--seeds", "0", "--variants", "proxy",
+                    "--epochs", "12"], timeout=1500)
     report = json.loads((tmp_path / "table1_small.json").read_text())
-    assert set(report["rows"]) == {"vanilla", "proxy"}
-    for row in report["rows"].values():
-        for column in ("knn_cls", "knn_patch", "linear_cls", "linear_patch", "seg_miou", "seg_pixel_acc"):
-            assert 0 <= row[column] <= 1, (column, row)
-        assert (row["depth"], row["linear_block"], row["seg_block"]) == (4, 2, 2)
-    assert "| SemanticMIM (proxy) |" in proc.stdout and "| vanilla |" in proc.stdout
-    for variant in ("vanilla", "proxy"):
-        config = (tmp_path / f"{variant}_pixels_s0" / "config.yaml").read_text()
-        assert f"mode: {variant}" in config
+    assert set(report["runs"]) == {"proxy pre-trained", "proxy at init", "raw pixels"}
+    trained, initial = report["runs"]["proxy pre-trained"][0], report["runs"]["proxy at init"][0]
+    assert trained["knn_cls"] >= initial["knn_cls"] + 0.2, (trained, initial)
+    assert trained["linear_cls"] >= initial["linear_cls"] + 0.15, (trained, initial)
+    assert "| proxy pre-trained |" in proc.stdout and "| raw pixels |" in proc.stdout
+    config = (tmp_path / "proxy_s0" / "config.yaml").read_text()
+    assert "demo_scenes: layouts" in config and "kind: maskfeat" in config and "mode: proxy" in config
