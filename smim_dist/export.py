@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"output {args.out} must end in .safetensors")
     try:
         meta = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ConfigError, ValueError) as err:
+    except (FileNotFoundError, ConfigError) as err:
         print(f"smim-export: {err}", file=sys.stderr)
         return 2
     kwargs = ", ".join(f"{k}={v!r}" for k, v in meta["timm_kwargs"].items())

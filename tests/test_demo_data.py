@@ -193,3 +193,16 @@ def test_a_build_killed_midway_leaves_nothing_once_the_next_one_runs(tmp_path):
     assert list(tmp_path.glob(".demo.tmp-*")), "the killed build left its private tree"
     ensure_demo_dataset(root, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_training_on_a_folder_holding_other_demo_scenes_is_refused_before_any_work(tmp_path):
+    from conftest import tiny_overrides, train_cli
+
+    shapes = ensure_demo_dataset(tmp_path / "shapes", **SMALL)
+    before = _tree(shapes)
+    proc = train_cli(1, "configs/demo_cpu.yaml", tiny_overrides(tmp_path, shapes, "data.demo_scenes=layouts"),
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"data.path={str(shapes)!r}" in proc.stderr and "'scenes': 'layouts'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _tree(shapes) == before and not any(tmp_path.glob("*/checkpoints"))

@@ -99,3 +99,23 @@ def test_weights_that_do_not_fit_the_config_are_refused_by_name(run_dir, tmp_pat
     (copy / "config.yaml").write_text(yaml.safe_dump(saved))
     assert smim_eval(["knn", "--checkpoint", str(copy)]) == 2
     assert "the checkpoint's weights do not fit the run config's model (model.size=tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reader", ["smim-export", "smim-eval"])
+def test_a_failure_inside_the_work_is_a_crash_not_bad_input(run_dir, tmp_path, monkeypatch, reader):
+    """Status 2 tells the user to fix their input; a ValueError that torch or another library raises while the work
+    runs (injected here where the work reads the weights) is a crash with its traceback, not status 2."""
+    import smim_dist.eval.features as features
+    import smim_dist.export as export
+    from smim_dist.eval.cli import main as smim_eval
+
+    def broken(*args, **kwargs):
+        raise ValueError("raised inside torch")
+
+    monkeypatch.setattr(export, "consolidated_state_dict", broken)
+    monkeypatch.setattr(features, "consolidated_state_dict", broken)
+    with pytest.raises(ValueError, match="inside torch"):
+        if reader == "smim-export":
+            export.main([str(run_dir), str(tmp_path / "vit.safetensors")])
+        else:
+            smim_eval(["knn", "--checkpoint", str(run_dir), "--out", str(tmp_path / "eval")])

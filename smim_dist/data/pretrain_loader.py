@@ -59,8 +59,11 @@ def prepare_demo_data(cfg: Config) -> Path:
               f"{DEMO_IMAGE_SIZE} px as image files, an FFCV file and webdataset shards ...", file=sys.stderr,
               flush=True)
     start = time.monotonic()
-    ensure_demo_dataset(root, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
-                        size=DEMO_IMAGE_SIZE, seed=0, scenes=cfg.data.demo_scenes)
+    try:
+        ensure_demo_dataset(root, num_train=cfg.data.demo_images, num_val=max(cfg.data.demo_images // 4, 6),
+                            size=DEMO_IMAGE_SIZE, seed=0, scenes=cfg.data.demo_scenes)
+    except ValueError as err:  # another data set, or another demo set, is already there
+        raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from None
     if building:
         print(f"built the demo data set in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return root

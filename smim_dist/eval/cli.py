@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             init_distributed()
         run_protocol(args)
-    except (FileNotFoundError, ConfigError, ValueError) as err:
+    except (FileNotFoundError, ConfigError) as err:
         print(f"smim-eval: {err}", file=sys.stderr)
         return 2
     return 0

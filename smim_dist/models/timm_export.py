@@ -45,7 +45,7 @@ def encoder_state_dict(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The encoder's weights out of a full pre-training state dict, with timm's names."""
     state = {key[len(ENCODER_PREFIX):]: value for key, value in model_state.items() if key.startswith(ENCODER_PREFIX)}
     if not state:
-        raise ValueError("the state dict holds no 'encoder.*' weights; is this a smim_dist pre-training checkpoint?")
+        raise ConfigError("the state dict holds no 'encoder.*' weights; is this a smim_dist pre-training checkpoint?")
     return state
 
 
