@@ -250,7 +250,10 @@ CHOICES = {
 }
 
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE = Path(__file__).resolve().parent
+SHIPPED_CONFIGS = next((folder for folder in (_PACKAGE / "configs", _PACKAGE.parent / "configs") if folder.is_dir()),
+                       _PACKAGE / "configs")
+"""configs/ inside an installed wheel, else the source tree's top-level configs/ (a checkout, an editable install)"""
 
 
 def find_config(path: str | Path, shipped_folder: Path = SHIPPED_CONFIGS) -> Path:
