@@ -119,3 +119,27 @@ def test_a_failure_inside_the_work_is_a_crash_not_bad_input(run_dir, tmp_path, m
             export.main([str(run_dir), str(tmp_path / "vit.safetensors")])
         else:
             smim_eval(["knn", "--checkpoint", str(run_dir), "--out", str(tmp_path / "eval")])
+
+
+def test_a_run_moves_to_a_machine_without_its_training_files(tmp_path, capsys):
+    """Export and evaluation need the weights and the evaluation's data, not the training machine's files: a BEiT
+    run is exported and scored (on data given by override) after its tokenizer weights and its data are gone."""
+    import shutil
+
+    from test_dalle import dall_e_encoder
+
+    from smim_dist.eval.cli import main as smim_eval
+    from smim_dist.export import main as smim_export
+
+    weights, data = tmp_path / "encoder.pkl", tmp_path / "data"
+    torch.manual_seed(0)
+    torch.save(dall_e_encoder.Encoder(device=torch.device("cpu"), requires_grad=False), weights)
+    train_cli(1, "configs/demo_cpu.yaml", tiny_overrides(
+        tmp_path, data, "run_name=beit", "optim.epochs=1", "target.kind=beit", "model.patch_size=16",
+        f"target.tokenizer_path={weights}", "target.trust_pickle=true"))
+    weights.unlink()
+    shutil.rmtree(data)
+    run = tmp_path / "beit"
+    assert smim_export([str(run), str(tmp_path / "vit.safetensors")]) == 0
+    assert smim_eval(["knn", "--checkpoint", str(run), f"data.path={tmp_path / 'elsewhere'}"]) == 0, \
+        capsys.readouterr().err

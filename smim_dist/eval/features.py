@@ -29,14 +29,15 @@ FEATURES = ("cls", "patch")
 
 def resolve_eval_run(path: Path, overrides: Sequence[str] = ()) -> tuple[Path, Config]:
     """The checkpoint directory and the run's config with ``data.*`` overrides (the evaluation may read the data from
-    elsewhere; the model is fixed by the weights)."""
+    elsewhere; the model is fixed by the weights). The training machine's files (its data, the BEiT tokenizer) need
+    not exist here: each protocol checks the data it reads."""
     checkpoint, cfg = resolve_checkpoint(path)
     fixed = [item for item in overrides if not item.startswith("data.")]
     if fixed:
         raise ConfigError(f"override {fixed[0]!r}: an evaluation may only override data.* keys; the rest of the "
                           "config is the run's and the model is fixed by its weights")
     if overrides:
-        cfg = load_config(checkpoint.parent.parent / CONFIG_FILE, list(overrides))
+        cfg = load_config(checkpoint.parent.parent / CONFIG_FILE, list(overrides), check_files=False)
     return checkpoint, cfg
 
 
