@@ -188,7 +188,7 @@ def check_run(cfg: Config, world_size: int) -> str | None:
         raise NotSubmitted(str(busy)) from None
     if not check_run_dir(cfg):
         return None
-    tag, skipped = newest_valid_tag(cfg.run_dir)
+    tag, skipped = newest_valid_tag(cfg.run_dir, hashes=False)
     check_resumable(cfg.run_dir, tag, skipped, cfg.checkpoint.allow_fresh_start)
     if tag is not None and checkpoint_meta(cfg.run_dir, tag)["epoch"] >= cfg.optim.epochs:
         return (f"{cfg.run_dir} already finished its {cfg.optim.epochs} epochs ({checkpoint_root(cfg.run_dir) / tag});"

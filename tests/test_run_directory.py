@@ -81,6 +81,37 @@ def test_a_checkpoint_missing_a_rank_s_files_is_skipped(run_copy):
                                              "list rng_rank00001.pt, zero_pp_rank_1_mp_rank_00_optim_states.pt"])
 
 
+def test_the_login_node_checks_sizes_and_rank_0_checks_hashes(run_copy, monkeypatch):
+    """The SLURM launcher reads no checkpoint file (sizes and the manifest: a 10 GB checkpoint costs nothing on a
+    login node) and rank 0 hashes before it reads; validating writes nothing, not even an fsync."""
+    import launchers.slurm as slurm
+
+    def no_fsync(fd):
+        raise AssertionError("fsync while only reading a checkpoint")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    tag = (run_copy / "checkpoints" / "latest").read_text().strip()
+    states = next((run_copy / "checkpoints" / tag).glob("*model_states.pt"))
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    states.write_bytes(bytes(data))
+    opened = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: opened.append(self) or real_open(self, *a, **k))
+    assert newest_valid_tag(run_copy, hashes=False) == (tag, [])
+    assert not [path for path in opened if path.name.endswith(".pt")], "no checkpoint file read for its bytes"
+    found, skipped = newest_valid_tag(run_copy)
+    assert found != tag and f"{states.name} does not match its checksum" in skipped[0]
+    states.write_bytes(bytes(data[:-1]))
+    assert newest_valid_tag(run_copy, hashes=False)[0] != tag, "a truncated file is caught by its size"
+    states.write_bytes(bytes(data))
+    calls = []
+    monkeypatch.setattr(slurm, "newest_valid_tag",
+                        lambda run_dir, hashes=True: calls.append(hashes) or newest_valid_tag(run_dir, hashes))
+    assert "already finished" in slurm.check_run(load_config(run_copy / "config.yaml", check_files=False), 1)
+    assert calls == [False]
+
+
 @pytest.mark.parametrize("text, reason", [("", "it lacks checkpoint, data, engine"), ("run_name: x\nmodel: {size:",
                                                                                       "is damaged (while parsing")])
 def test_a_damaged_saved_config_is_refused_by_name(run_copy, tmp_path, text, reason):

@@ -62,7 +62,7 @@ def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: di
     barrier()
     if dist_info.is_main:
         (root / partial / META).write_text(json.dumps(meta) + "\n")
-        write_atomic(root / partial / MANIFEST, json.dumps(file_digests(root / partial), indent=1) + "\n")
+        write_atomic(root / partial / MANIFEST, json.dumps(file_digests(root / partial, flush=True), indent=1) + "\n")
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(root / partial, root / tag)
@@ -71,21 +71,28 @@ def save_checkpoint(engine, run_dir: Path, dist_info: DistInfo, client_state: di
     return root / tag
 
 
-def file_digests(folder: Path) -> dict[str, dict]:
-    """Size and SHA-256 of every file under ``folder`` but the manifest, each flushed to disk on the way."""
+def file_digests(folder: Path, flush: bool = False, hashes: bool = True) -> dict[str, dict]:
+    """Size and SHA-256 of every file under ``folder`` but the manifest; ``flush``: each flushed to disk on the way
+    (the writer, before the manifest vouches for them); without ``hashes``, sizes alone, reading no file."""
     digests = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-            os.fsync(handle.fileno())
-        digests[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        entry: dict = {"bytes": path.stat().st_size}
+        if hashes or flush:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+                if flush:
+                    os.fsync(handle.fileno())
+            entry["sha256"] = digest.hexdigest()
+        digests[str(path.relative_to(folder))] = entry
     return digests
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why the checkpoint in ``folder`` cannot be trusted, or None when every file matches its manifest."""
+def checkpoint_problem(folder: Path, hashes: bool = True) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be trusted, or None when every file matches its manifest; without
+    ``hashes`` the files' sizes and the manifest's completeness only, which a login node checks in no time (the
+    training's rank 0 checks the hashes before it reads the checkpoint)."""
     try:
         expected = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
@@ -94,13 +101,13 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"unreadable manifest ({err})"
     if not isinstance(expected, dict):
         return f"its manifest is not a table of files ({type(expected).__name__})"
-    found = file_digests(folder)
+    found = file_digests(folder, hashes=hashes)
     for name, entry in expected.items():
         if name not in found:
             return f"{name} is missing"
         if found[name]["bytes"] != entry["bytes"]:
             return f"{name} has {found[name]['bytes']} bytes, the manifest says {entry['bytes']}"
-        if found[name]["sha256"] != entry["sha256"]:
+        if hashes and found[name]["sha256"] != entry["sha256"]:
             return f"{name} does not match its checksum"
     return _unlisted_part(folder, set(expected))
 
@@ -123,9 +130,9 @@ def _unlisted_part(folder: Path, listed: set[str]) -> str | None:
     return f"its manifest does not list {', '.join(missing)}" if missing else None
 
 
-def newest_valid_tag(run_dir: Path) -> tuple[str | None, list[str]]:
+def newest_valid_tag(run_dir: Path, hashes: bool = True) -> tuple[str | None, list[str]]:
     """The tag to resume from (``latest`` first, then older checkpoints, newest first) and a line for each
-    checkpoint passed over."""
+    checkpoint passed over; ``hashes`` as for ``checkpoint_problem``."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None, []
@@ -136,7 +143,7 @@ def newest_valid_tag(run_dir: Path) -> tuple[str | None, list[str]]:
         tags.insert(0, pointer)
     skipped = []
     for tag in tags:
-        problem = checkpoint_problem(root / tag)
+        problem = checkpoint_problem(root / tag, hashes)
         if problem is None:
             return tag, skipped
         skipped.append(f"checkpoint {root / tag} skipped: {problem}")

@@ -106,5 +106,5 @@ def _convert(folder: Path) -> None:
     ds_to_universal.main(argparse.Namespace(
         input_folder=str(folder), output_folder=str(partial / folder.name), num_extract_workers=1,
         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-    write_atomic(partial / MANIFEST, json.dumps(file_digests(partial), indent=1) + "\n")
+    write_atomic(partial / MANIFEST, json.dumps(file_digests(partial, flush=True), indent=1) + "\n")
     partial.rename(final)
