@@ -333,3 +333,19 @@ def test_overrides_may_surround_the_flags():
     args = parse_args(["optim.lr=2e-3", "--config", TINY_CONFIG, "run_name=a", "--local-rank", "1", "optim.epochs=2"])
     assert (args.config, args.overrides, args.local_rank) == (TINY_CONFIG, ["optim.lr=2e-3", "run_name=a",
                                                                             "optim.epochs=2"], 1)
+
+
+def test_a_resume_that_changes_harmless_settings_saves_them_and_records_the_change(tmp_path, demo_data):
+    """Evaluation jobs read the saved config while retention reads the live one: a setting changed on resume (here
+    the log interval and the checkpoints kept) must reach the saved config, with a record of when it changed."""
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=changed", "optim.epochs=1")
+    train_cli(1, TINY_CONFIG, overrides)
+    run = tmp_path / "changed"
+    changed = [*overrides, "log.every_steps=2", "checkpoint.keep_last=7"]
+    train_cli(1, TINY_CONFIG, changed)
+    saved = load_config(run / "config.yaml", check_files=False)
+    assert (saved.log.every_steps, saved.checkpoint.keep_last) == (2, 7)
+    records = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert [record["changes"] for record in records] == [["checkpoint.keep_last: 3 -> 7", "log.every_steps: 1 -> 2"]]
+    train_cli(1, TINY_CONFIG, changed)
+    assert len((run / "config_changes.jsonl").read_text().splitlines()) == 1, "an unchanged start records nothing"

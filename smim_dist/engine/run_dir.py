@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -12,6 +14,8 @@ import yaml
 from smim_dist.config import Config, ConfigError, save_config
 
 CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY = "config_changes.jsonl"
+"""one line per start that changed a harmless setting: when, and each key's old and new value"""
 HARMLESS = ("log.", "checkpoint.", "eval.", "data.num_workers", "data.path", "engine.max_bad_steps", "engine.tf32",
             "engine.overlap_comm", "output_dir")
 """Keys a resumed run may change: they do not alter what is trained (TF32 and the all-reduce's bucketing change only
@@ -28,11 +32,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between the saved and the current config, harmless ones left out."""
+def config_changes(saved: dict, current: dict, harmless: bool = False) -> list[str]:
+    """Keys whose values differ between the saved and the current config: those that change what is trained, or
+    with ``harmless`` the others."""
     old, new = _flatten(saved), _flatten(current)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key) and not key.startswith(HARMLESS)]
+            if old.get(key) != new.get(key) and key.startswith(HARMLESS) == harmless]
 
 
 def read_saved_config(path: Path) -> dict:
@@ -64,11 +69,21 @@ def check_run_dir(cfg: Config) -> bool:
 
 
 def create_run_dir(cfg: Config) -> None:
-    """Rank 0 only: make the directory and save the resolved config, unless this run saved it already."""
+    """Rank 0 only: make the directory and save the resolved config. A resume that changed harmless settings
+    (evaluation, logging, retention, where the data is) saves them too, so the saved config stays what runs (the
+    evaluation jobs read it), and records the change in config_changes.jsonl."""
+    path = cfg.run_dir / CONFIG_FILE
     try:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (cfg.run_dir / CONFIG_FILE).exists():
-            save_config(cfg, cfg.run_dir / CONFIG_FILE)
+        if not path.exists():
+            save_config(cfg, path)
+            return
+        changes = config_changes(read_saved_config(path), cfg.to_dict(), harmless=True)
+        if changes:
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}
+            with (cfg.run_dir / CONFIG_HISTORY).open("a") as history:
+                history.write(json.dumps(record) + "\n")
+            save_config(cfg, path)
     except OSError as err:
         raise ConfigError(f"cannot write the run directory {cfg.run_dir} ({err.strerror}); give output_dir a "
                           "writable place") from None
