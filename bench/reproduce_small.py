@@ -1,15 +1,16 @@
-"""Does pre-training learn? A small reproduction of the paper's Table 1 on a laptop CPU (about 25 minutes on 2 cores).
+"""Does pre-training learn? A small reproduction of the paper's Table 1 on a laptop CPU (docs/experiments.md).
 
     python bench/reproduce_small.py                    # 3 seeds, vanilla and proxy, the layouts scenes, HOG target
-    python bench/reproduce_small.py --seeds 0 --variants proxy --epochs 12    # the can-fail test's setting
+    python bench/reproduce_small.py --seeds 0 --variants proxy             # the can-fail test's setting
 
 For each seed it pre-trains, from configs/demo_cpu.yaml through `python -m smim_dist.train`, a vanilla model (one
-[CLS], 40% random mask) and a SemanticMIM model (8 [PROXY], 60% random mask), the paper's protocol, on the embedded
-two-colour layouts (data.demo_scenes=layouts: the class decides what a masked patch holds; docs/experiments.md says
-why not the shapes). Then it scores the pre-trained encoder, the same encoder at its initialisation (the weights the run
-started from) and raw pixels with kNN and the linear probe (the [CLS] and mean-patch features, the paper's Linear CLS
-/ Patch) and with linear segmentation, blocks taken at the paper's depth fraction (7/12 for the probe, 6/12 for
-segmentation). It prints mean and standard deviation over the seeds and writes every score as JSON.
+[CLS], 40% random mask) and a SemanticMIM model (8 [PROXY], 60% random mask), the paper's protocol, at 32 px on the
+embedded two-colour layouts (data.demo_scenes=layouts: the class decides what a masked patch holds; docs/experiments.md
+says why not the shapes, and why 32 px). Then it scores the pre-trained encoder, the same encoder at its
+initialisation (the weights the run started from) and raw pixels with kNN and the linear probe (the [CLS] and
+mean-patch features, the paper's Linear CLS / Patch) and with linear segmentation, blocks taken at the paper's depth
+fraction (7/12 for the probe, 6/12 for segmentation). It prints mean and standard deviation over the seeds and writes
+every score as JSON.
 """
 
 from __future__ import annotations
@@ -156,11 +157,11 @@ def main() -> None:
     table = {label: summary(rows) for label, rows in runs.items()}
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
     report = {"machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {device})",
-              "settings": {key: str(value) for key, value in vars(args).items()}, "seconds": time.perf_counter() - began,
-              "chance_top1": 1 / 6, "runs": runs, "mean_std": table}
+              "settings": {key: str(value) for key, value in vars(args).items()},
+              "seconds": time.perf_counter() - began, "chance_top1": 1 / 6, "runs": runs, "mean_std": table}
     (args.out / "table1_small.json").write_text(json.dumps(report, indent=2))
-    print(f"\nTable 1, small: micro ViT at {args.img_size} px, demo {args.scenes} ({args.images} train images, 6 classes,"
-          f" chance 0.167), {args.target} target, {args.epochs} epochs, seeds {args.seeds}: mean ± std")
+    print(f"\nTable 1, small: micro ViT at {args.img_size} px, demo {args.scenes} ({args.images} train images, "
+          f"6 classes, chance 0.167), {args.target} target, {args.epochs} epochs, seeds {args.seeds}: mean ± std")
     print("| encoder | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
     for label, values in table.items():
         print(f"| {label} | " + " | ".join(f"{mean:.3f} ± {std:.3f}" for mean, std in values.values()) + " |")

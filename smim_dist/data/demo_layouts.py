@@ -2,10 +2,10 @@
 
 On the shapes scenes a small model's masked-patch loss is mostly texture and grain that the class does not explain,
 so pre-training for minutes on a CPU cannot show semantic features. Here every image is split into two regions of flat
-random colour by one of six layouts (its class), shifted at random along each axis; no grain, so a contrast-normalised target
-(HOG) is zero inside the regions and carries only the layout's edges. Filling in a masked patch therefore needs the
-layout, which is exactly the label, while colour (what raw pixels are dominated by) is random. Every layout is its own
-mirror image, so the horizontal flip of pre-training keeps each class.
+random colour by one of six layouts (its class), shifted at random along each axis; no grain, so a
+contrast-normalised target (HOG) is zero inside the regions and carries only the layout's edges. Filling in a masked
+patch therefore needs the layout, which is exactly the label, while colour (what raw pixels are dominated by) is
+random. Every layout is its own mirror image, so the horizontal flip of pre-training keeps each class.
 """
 
 from __future__ import annotations
