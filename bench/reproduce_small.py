@@ -1,7 +1,7 @@
 """Does pre-training learn? A small reproduction of the paper's Table 1 on a laptop CPU (docs/experiments.md).
 
     python bench/reproduce_small.py                    # 3 seeds, vanilla and proxy, the layouts scenes, HOG target
-    python bench/reproduce_small.py --seeds 0 --variants proxy             # the can-fail test's setting
+    python bench/reproduce_small.py --seeds 0 --variants vanilla           # the can-fail test's setting
 
 For each seed it pre-trains, from configs/demo_cpu.yaml through `python -m smim_dist.train`, a vanilla model (one
 [CLS], 40% random mask) and a SemanticMIM model (8 [PROXY], 60% random mask), the paper's protocol, at 32 px on the

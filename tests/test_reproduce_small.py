@@ -1,8 +1,10 @@
 """Pre-training must keep beating random initialisation: ``bench/reproduce_small.py`` at its smallest setting (one
-seed of the proxy model, the default 40 epochs of the layouts scenes, about 4 minutes on 2 cores) compared with the
-same encoder at the weights the run started from. The margin, 0.2 in kNN top-1, is under half of what this setting
-measures (docs/experiments.md: 0.61 against 0.18), so a change that stops the encoder from learning the layouts fails
-here, while float noise between CPUs does not."""
+seed of the vanilla model, the default 40 epochs of the layouts scenes, about 2 minutes on 2 cores) compared with the
+same encoder at the weights the run started from. The margins, 0.3 in kNN and linear-probe top-1, are under half of
+what this setting measures (docs/experiments.md: 0.81 and 0.79 against 0.18 and 0.28), so a change that stops the
+encoder from learning fails here, while float noise between CPUs and thread counts does not. The vanilla model is
+the one tested because it leaves the image-blind plateau on every seed and thread count tried; the proxy model's
+escape depends on both (docs/experiments.md), which would make this test flaky."""
 
 import json
 
@@ -10,12 +12,13 @@ from conftest import run_cli
 
 
 def test_pre_training_beats_random_initialisation(tmp_path):
-    proc = run_cli(["bench/reproduce_small.py", "--out", str(tmp_path), "--seeds", "0", "--variants", "proxy",
+    proc = run_cli(["bench/reproduce_small.py", "--out", str(tmp_path), "--seeds", "0", "--variants", "vanilla",
                     "--epochs", "12"], timeout=1500)
     report = json.loads((tmp_path / "table1_small.json").read_text())
-    assert set(report["runs"]) == {"proxy pre-trained", "proxy at init", "raw pixels"}
-    trained, initial = report["runs"]["proxy pre-trained"][0], report["runs"]["proxy at init"][0]
-    assert trained["knn_cls"] >= initial["knn_cls"] + 0.2, (trained, initial)
-    assert "| proxy pre-trained |" in proc.stdout and "| raw pixels |" in proc.stdout
-    config = (tmp_path / "proxy_s0" / "config.yaml").read_text()
-    assert "demo_scenes: layouts" in config and "kind: maskfeat" in config and "mode: proxy" in config
+    assert set(report["runs"]) == {"vanilla pre-trained", "vanilla at init", "raw pixels"}
+    trained, initial = report["runs"]["vanilla pre-trained"][0], report["runs"]["vanilla at init"][0]
+    assert trained["knn_cls"] >= initial["knn_cls"] + 0.3, (trained, initial)
+    assert trained["linear_cls"] >= initial["linear_cls"] + 0.3, (trained, initial)
+    assert "| vanilla pre-trained |" in proc.stdout and "| raw pixels |" in proc.stdout
+    config = (tmp_path / "vanilla_s0" / "config.yaml").read_text()
+    assert "demo_scenes: layouts" in config and "kind: maskfeat" in config and "mode: vanilla" in config
