@@ -131,7 +131,8 @@ def summary(rows: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce_small")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "reproduce_small",
+                        help="where the runs, the demo data and table1_small.json go (default runs/reproduce_small)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--scenes", choices=("layouts", "shapes"), default="layouts")
