@@ -123,6 +123,8 @@ class Workspace:
         if training:
             demo_config = any("demo_cpu" in token for token in argv)
             data = [f"data.path={self.demo}"] if demo_config else [f"data.path={self.demo / 'train.beton'}"]
+            if "data.demo_scenes=layouts" in argv:  # its own demo folder: the shared one holds the shapes
+                data = [f"data.path={self.root / 'layouts'}"]
             if any("webdataset" in token for token in argv):
                 data = [f"data.path={self.placeholders()['/data/laion/{00000..00099}.tar']}"]
             tokenizer = [] if any("tokenizer_path" in t for t in argv) else [f"target.tokenizer_path={self.weights}",
