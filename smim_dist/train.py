@@ -27,7 +27,7 @@ from smim_dist.engine.run_dir import check_run_dir, check_writable, create_run_d
 from smim_dist.engine.run_lock import RunLock
 from smim_dist.engine.stop_signals import StopSignals
 from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval
-from smim_dist.logging import RunLogger, check_wandb_credentials
+from smim_dist.run_logger import RunLogger, check_wandb_credentials
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target
 

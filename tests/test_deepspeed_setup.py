@@ -18,7 +18,7 @@ from smim_dist.engine.deepspeed_setup import (build_engine, deepspeed_config, fu
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard
-from smim_dist.logging import RunLogger
+from smim_dist.run_logger import RunLogger
 from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.masking import RandomMaskGenerator
 from smim_dist.models.mask_index import MaskIndices

@@ -33,9 +33,8 @@ from webdataset.tariterators import tarfile_samples
 
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samples
+from smim_dist.data.tar_index import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-"""image members looked for in a sample, first match wins"""
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 

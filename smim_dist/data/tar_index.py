@@ -9,7 +9,7 @@ import tarfile
 __all__ = ["IMAGE_EXTENSIONS", "Member", "index_tar", "read_member"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-"""image members of a sample, first match wins, as ``smim_dist.data.shards`` reads them"""
+"""image members of a sample, first match wins (the conversion and ``smim_dist.data.shards`` alike)"""
 
 Member = tuple[str, int, int]
 """(tar path, offset of the member's data, its size)"""

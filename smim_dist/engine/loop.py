@@ -17,7 +17,7 @@ from smim_dist.engine.device_peak import device_peak_tflops
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.engine.step_profiler import StepProfiler
-from smim_dist.logging import RunLogger
+from smim_dist.run_logger import RunLogger
 from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
 from smim_dist.models.flops import forward_flops
 from smim_dist.targets.build import MIMTarget
