@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smim_dist.config import Config, load_config
+from smim_dist.config import Config
 from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.data.pretrain_loader import prepare_demo_data
 from smim_dist.eval.data import centre_crop_loader, eval_splits, label_maps, segmentation_splits, whole_image_loader
