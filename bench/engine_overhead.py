@@ -11,9 +11,10 @@
 
 Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
 (weights in ``--precision``, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config,
-fused AdamW, clipping inside AdamW where ``smim-train`` puts it there), per ZeRO stage. torch.profiler counts the ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the
-host reads (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``). On a GPU a read of a device tensor stalls
-the host until the device is done; on a CPU reads cost nothing, and some (torch's CPU AdamW reading its step count)
+fused AdamW, clipping inside AdamW where ``smim-train`` puts it there), per ZeRO stage. torch.profiler counts the
+ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the host reads
+(``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``). On a GPU a read of a device tensor stalls the host
+until the device is done; on a CPU reads cost nothing, and some (torch's CPU AdamW reading its step count)
 happen only there. Operator counts do not depend on the machine; times do.
 """
 
@@ -144,7 +145,8 @@ def main() -> None:
             ds_config["zero_optimization"]["contiguous_gradients"] = False
         if args.torch_autocast:
             ds_config.pop("bf16", None)
-            ds_config.update(torch_autocast={"enabled": True, "dtype": "bfloat16"}, gradient_clipping=cfg.optim.clip_grad)
+            ds_config.update(torch_autocast={"enabled": True, "dtype": "bfloat16"},
+                             gradient_clipping=cfg.optim.clip_grad)
             ds_config["zero_optimization"]["compute_grad_norm"] = True
         model = copy.deepcopy(base).to(device)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decayed_tokens)

@@ -10,8 +10,8 @@
    loss, ``engine.backward``, ``engine.step``): images/s and MFU of the product path, DeepSpeed's overheads included,
    next to the same engine with ``engine.compile`` (the lever for the MFU goal: plain torch gained a third from
    compiling), with ``engine.overlap_comm`` (one GPU has nothing to overlap, so that row prices its synchronisation at
-   the end of each backward) and the same model stepped by plain torch (bf16 autocast, fused AdamW), all in this process; then the
-   whole training loop
+   the end of each backward) and the same model stepped by plain torch (bf16 autocast, fused AdamW), all in this
+   process; then the whole training loop
    (``EpochRunner.run_epoch`` on uint8 loader batches: normalisation, targets, the non-finite guard, metrics, a host
    read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine,
    and every host synchronisation in its steps by source line (``torch.cuda.set_sync_debug_mode``), and the top
@@ -73,7 +73,8 @@ def check_bf16_matches_fp32(args, device, target) -> bool:
     targets = gather_masked(target(images), mask.masked)
     losses = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        engine = build_engine(engine_config(args, precision, args.check_batch), copy.deepcopy(model).to(device), 1, device)
+        engine = build_engine(engine_config(args, precision, args.check_batch), copy.deepcopy(model).to(device), 1,
+                              device)
         engine.eval()
         with torch.no_grad():
             before = mim_loss(engine(images.to(dtype), mask), targets)
@@ -222,8 +223,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--smoke", action="store_true",
-                        help="run every part on the CPU with a micro model, a narrow tokenizer and tiny batches: checks "
-                             "the script itself (figures meaningless) before a GPU's minutes are spent on it")
+                        help="run every part on the CPU with a micro model, a narrow tokenizer and tiny batches: "
+                             "checks the script itself (figures meaningless) before a GPU's minutes are spent on it")
     args = parser.parse_args()
     args.size, args.img, args.patch, args.mask_ratio = "base", 224, 16, 0.6
     if args.smoke:

@@ -47,6 +47,8 @@ if [ "$mode" = demo ]; then
   log "pre-training the demo (configs/demo_cpu.yaml); run directory runs/demo_cpu"
   exec .venv/bin/smim-train --config configs/demo_cpu.yaml "$@"
 fi
+log "lint (ruff, configured in pyproject.toml)"
+.venv/bin/ruff check --quiet smim_dist launchers bench tests || exit 1
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

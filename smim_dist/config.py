@@ -1,7 +1,8 @@
 """Typed run configuration: YAML files with a ``base:`` chain, dotted CLI overrides, strict validation.
 
-Every key is declared in a dataclass below, so a typo or a wrong type fails at load time, naming the file, the key and the
-nearest valid key, before any process group, data or GPU is touched. The resolved config is what a run saves and hashes.
+Every key is declared in a dataclass below, so a typo or a wrong type fails at load time, naming the file, the key
+and the nearest valid key, before any process group, data or GPU is touched. The resolved config is what a run saves
+and hashes.
 """
 
 from __future__ import annotations

@@ -50,8 +50,9 @@ def test_gpu_check_runs_every_part_at_toy_size_on_the_cpu():
     assert out.count(") ok") == 2, out
     for line in ("DeepSpeed bf16 engine (ZeRO 1), ViT-micro/8 proxy", "DeepSpeed bf16 engine (ZeRO 1), engine.compile,",
                  "DeepSpeed bf16 engine (ZeRO 1), engine.overlap_comm,", "engine.overlap_comm / without:",
-                 "plain torch, bf16 autocast", "the training loop around the DeepSpeed bf16 engine", "step time / plain",
-                 "tokenizer, fp32 throughout", "tokenizer, fp16 convolutions", "tokenizer, the default in channels-last",
+                 "plain torch, bf16 autocast", "the training loop around the DeepSpeed bf16 engine",
+                 "step time / plain", "tokenizer, fp32 throughout", "tokenizer, fp16 convolutions",
+                 "tokenizer, the default in channels-last",
                  "the training loop's own profile of 3 steps (log.profile_steps)", "aten::addmm"):
         assert line in out, line
     assert "FAILED" not in out
@@ -73,9 +74,10 @@ def test_engine_overhead_bench_counts_each_zero_stage_against_plain_torch():
             if line.startswith(("plain torch, bf16 ", "DeepSpeed bf16, ZeRO")) and not line.endswith(":"))}
     sources = proc.stdout.split("DeepSpeed bf16, ZeRO 1:\n", 1)[1].split("DeepSpeed bf16, ZeRO 3:")[0]
     assert "reads/step" in sources and ".py(" in sources, "--show-reads names the Python line of each host read"
-    assert set(rows) == {"plain torch, bf16", "DeepSpeed bf16, ZeRO 1", "DeepSpeed bf16, ZeRO 1, no contiguous gradients",
+    no_contiguous = "DeepSpeed bf16, ZeRO 1, no contiguous gradients"
+    assert set(rows) == {"plain torch, bf16", "DeepSpeed bf16, ZeRO 1", no_contiguous,
                          "DeepSpeed bf16, ZeRO 1, overlap_comm", "DeepSpeed bf16, ZeRO 3"}
-    assert float(rows["DeepSpeed bf16, ZeRO 1, no contiguous gradients"][0]) < float(rows["DeepSpeed bf16, ZeRO 1"][0]), \
+    assert float(rows[no_contiguous][0]) < float(rows["DeepSpeed bf16, ZeRO 1"][0]), \
         "without its contiguous buffers DeepSpeed skips a gradient copy per tensor"
     assert all(float(rows[label][0]) > float(rows["plain torch, bf16"][0]) for label in rows if "ZeRO" in label), \
         "DeepSpeed's bookkeeping runs operators of its own"

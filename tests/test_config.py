@@ -161,7 +161,8 @@ def test_saved_config_round_trips_with_its_hash(tmp_path):
 
 def test_a_run_saved_before_engine_tf32_existed_resumes_and_may_toggle_it_and_overlap_comm():
     """TF32 and the all-reduce's bucketing change roundings, not the recipe: an older run (neither ``engine.tf32`` nor
-    ``engine.overlap_comm`` in its saved config) resumes under any setting of either, while a real change is still named."""
+    ``engine.overlap_comm`` in its saved config) resumes under any setting of either, while a real change is still
+    named."""
     saved = Config().to_dict()
     del saved["engine"]["tf32"], saved["engine"]["overlap_comm"]
     assert config_changes(saved, Config().to_dict()) == []

@@ -98,7 +98,8 @@ def test_bf16_step_runs_no_per_gradient_overflow_check(process_group, monkeypatc
 
 
 def weights_and_adam_state(engine) -> dict[str, torch.Tensor]:
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=engine.zero_optimization_stage() == 3):
+    gathered = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=gathered):
         tensors = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
     for index, state in enumerate(fused_adamw(engine).state.values()):
         tensors.update({f"adam{index}.{key}": value.detach().clone() for key, value in state.items()})

@@ -142,7 +142,8 @@ def run(argv: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedP
         argv = [str(BIN / executable), *argv[1:]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{shlex.join(argv)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, \
+        f"{shlex.join(argv)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -261,7 +262,8 @@ def shared_data(tmp_path_factory, demo_data) -> Path:
     ade_tree(root / "ADE", demo_data)
     torch.manual_seed(0)
     (root / "weights").mkdir()
-    torch.save(dall_e_encoder.Encoder(device=torch.device("cpu"), requires_grad=False), root / "weights" / "encoder.pkl")
+    encoder = dall_e_encoder.Encoder(device=torch.device("cpu"), requires_grad=False)
+    torch.save(encoder, root / "weights" / "encoder.pkl")
     (root / "smim_dist.sif").write_bytes(b"")
     return root
 

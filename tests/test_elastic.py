@@ -17,8 +17,8 @@ def train_for(nproc: int, steps: int | None, overrides: list[str]):
     if steps is None:
         return train_cli(nproc, TINY_CONFIG, overrides)
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return run_cli([*launcher, "tests/scripts/train_with_faults.py", "--stop-after", str(steps), "--config", TINY_CONFIG,
-                    *overrides])
+    return run_cli([*launcher, "tests/scripts/train_with_faults.py", "--stop-after", str(steps),
+                    "--config", TINY_CONFIG, *overrides])
 
 
 def final_weights(run_dir):

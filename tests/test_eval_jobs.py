@@ -1,4 +1,5 @@
-"""Evaluation jobs beside training outside SLURM: background processes, results per checkpoint, never submitted twice."""
+"""Evaluation jobs beside training outside SLURM: background processes, results per checkpoint, never submitted
+twice."""
 
 import json
 import re

@@ -1,5 +1,6 @@
 """Linear probe: the heads learn what is there and nothing that is not, training resumes exactly, ``smim-eval linear``
-end to end on a tiny pre-training checkpoint beside kNN in one results file, and the shared file under racing writers."""
+end to end on a tiny pre-training checkpoint beside kNN in one results file, and the shared file under racing
+writers."""
 
 import json
 import multiprocessing

@@ -149,7 +149,8 @@ def test_min_block_larger_than_num_masked():
         BlockMaskGenerator((14, 14), 75, max_block_patches=8)
 
 
-@pytest.mark.parametrize("kwargs", [{"min_aspect": 0.0}, {"min_aspect": -1.0}, {"min_aspect": 2.0, "max_aspect": 1.0}, {"min_aspect": 3.0}])
+@pytest.mark.parametrize("kwargs", [{"min_aspect": 0.0}, {"min_aspect": -1.0}, {"min_aspect": 2.0, "max_aspect": 1.0},
+                                    {"min_aspect": 3.0}])
 def test_bad_aspect(kwargs):
     with pytest.raises(ValueError, match="min_aspect"):
         BlockMaskGenerator((14, 14), 75, **kwargs)

@@ -18,7 +18,8 @@ TINY_CONFIG = "configs/demo_cpu.yaml"
 def final_weights(run_dir):
     checkpoints = run_dir / "checkpoints"
     tag = (checkpoints / "latest").read_text().strip()
-    return torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    states = checkpoints / tag / "mp_rank_00_model_states.pt"
+    return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
 def start_training(overrides):

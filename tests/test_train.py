@@ -105,7 +105,8 @@ def test_a_diverged_run_never_checkpoints_its_weights(tmp_path, demo_data):
 
 
 def test_a_non_finite_optimizer_moment_is_never_checkpointed(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=moment", "checkpoint.every_epochs=1", "engine.zero_stage=1")
+    overrides = tiny_overrides(tmp_path, demo_data, "run_name=moment", "checkpoint.every_epochs=1",
+                               "engine.zero_stage=1")
     proc = train_with_faults(1, ["--poison-moment-after", "6"], overrides, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "checkpoint at step 8 not written: some weights or optimizer moments are not finite" in proc.stderr
@@ -132,7 +133,8 @@ def test_demo_config_end_to_end(tmp_path, demo_data):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     for key in ("loss", "image_blind_loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "data_wait_frac_max",
-                "data_wait_max_rank", "step_time_s", "peak_mem_mb", "skipped_steps", "epoch", "model_tflops_per_device"):
+                "data_wait_max_rank", "step_time_s", "peak_mem_mb", "skipped_steps", "epoch",
+                "model_tflops_per_device"):
         assert all(r[key] is not None for r in records), key
     cfg = load_config(str(run / "config.yaml"))
     flops_per_image = 3 * forward_flops(cfg.model, cfg.mask.ratio, True, build_target(cfg).out_dim)

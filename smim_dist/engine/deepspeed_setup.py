@@ -148,7 +148,8 @@ def clip_inside_adamw(engine, max_norm: float) -> None:
     first_partition = adamw.param_groups[0]["params"][0]
 
     def global_grad_norm(optimizer) -> torch.Tensor:
-        stepping = [param.grad for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+        stepping = [param.grad for group in optimizer.param_groups for param in group["params"]
+                    if param.grad is not None]
         waiting = [grad for grads in norm_holder.averaged_gradients.values() if grads is not None for grad in grads] \
             if sharded else []
         squares = torch.stack(torch._foreach_norm(stepping + waiting, 2, dtype=torch.float32)).square().sum()

@@ -1,4 +1,5 @@
-"""The run directory: created once, its saved config compared on every start so a re-launch resumes only the same run."""
+"""The run directory: created once, its saved config compared on every start so that a re-launch resumes only the
+same run."""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@ life, and a second training of the same directory is refused with the holder's h
 
 The lock is a POSIX record lock (``fcntl.lockf``): the kernel, or the NFS lock manager, releases it when the holder
 dies however it dies, and it works across the nodes of the shared file systems clusters use. Such a lock also goes
-when its process closes any descriptor of the file, so the holder reads and writes it through its one descriptor. Where a file system
-keeps such locks per node only (Lustre mounted with ``localflock``), the file's content is a lease as well: the
-holder rewrites its host, pid and a timestamp every ``HEARTBEAT_SECONDS``, a new holder that finds a live lease of
-another process waits for it to go stale, and refuses the run directory if it does not.
+when its process closes any descriptor of the file, so the holder reads and writes it through its one descriptor.
+Where a file system keeps such locks per node only (Lustre mounted with ``localflock``), the file's content is a
+lease as well: the holder rewrites its host, pid and a timestamp every ``HEARTBEAT_SECONDS``, a new holder that
+finds a live lease of another process waits for it to go stale, and refuses the run directory if it does not.
 """
 
 from __future__ import annotations

@@ -183,11 +183,13 @@ def config_arguments(path: Path, protocol: argparse.ArgumentParser) -> tuple[lis
                if action.option_strings and action.dest not in ("help", "config", "checkpoint")}
     unknown = sorted(set(values) - set(options) - {CONFIG_OVERRIDES})
     if unknown:
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)} for `smim-eval {protocol.prog.split()[-1]}`;"
+        command = protocol.prog.split()[-1]
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)} for `smim-eval {command}`;"
                           f" valid keys: {', '.join(sorted(options))}, {CONFIG_OVERRIDES}")
     overrides = values.pop(CONFIG_OVERRIDES, None) or []
     if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
-        raise ConfigError(f"--config {path}: `{CONFIG_OVERRIDES}` must be a list of key=value strings, got {overrides!r}")
+        raise ConfigError(f"--config {path}: `{CONFIG_OVERRIDES}` must be a list of key=value strings, "
+                          f"got {overrides!r}")
     tokens: list[str] = []
     for key, value in values.items():
         flag = options[key].option_strings[-1]

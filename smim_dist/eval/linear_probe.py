@@ -195,6 +195,7 @@ def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, 
              "val_samples": val.num_samples, "seconds": round(time.perf_counter() - start, 2)}
     results = merge_results(folder, checkpoint_header(checkpoint), "linear", entry)
     say(f"linear probe (block {block}) of {checkpoint} (step {results['step']}): "
-        + ", ".join(f"{kind} top-1 {entry[kind]['top1']:.4f}" for kind in FEATURES) + f"; wrote {folder / RESULTS_FILE}")
+        + ", ".join(f"{kind} top-1 {entry[kind]['top1']:.4f}" for kind in FEATURES)
+        + f"; wrote {folder / RESULTS_FILE}")
     return results
 

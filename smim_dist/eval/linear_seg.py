@@ -102,7 +102,8 @@ def train_seg_head(maps: Tensor, labels: Tensor, num_classes: int, recipe: SegRe
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(batch) / len(maps)
-        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": round(total.item(), 6)})
+        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                        "train_loss": round(total.item(), 6)})
         if save is not None:
             save({"epoch": epoch + 1, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                   "history": history})
