@@ -35,7 +35,7 @@ from smim_dist.eval.features import default_device, extract_features, load_encod
 from smim_dist.eval.knn import knn_accuracy
 from smim_dist.eval.linear_probe import ProbeRecipe, head_accuracy, train_heads
 from smim_dist.eval.linear_seg import SegRecipe, encode_maps, evaluate_head, train_seg_head
-from smim_dist.export import resolve_checkpoint
+from smim_dist.engine.checkpoint import resolve_checkpoint
 from smim_dist.models.mim import MIMModel
 from smim_dist.models.sizes import vit_size
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict

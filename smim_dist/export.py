@@ -14,50 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
 
-from smim_dist.config import Config, ConfigError, config_from_dict
-from smim_dist.engine.checkpoint import checkpoint_problem, newest_valid_tag
-from smim_dist.engine.run_dir import CONFIG_FILE, read_saved_config
+from smim_dist.config import ConfigError
+from smim_dist.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs, timm_model_name
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-def resolve_checkpoint(path: Path) -> tuple[Path, Config]:
-    """The checkpoint directory and the run's config, from a checkpoint directory or a run directory (its newest
-    checkpoint that validates, as a resume would take). Both are checked as training checks them: every file against
-    the checkpoint's manifest, the config as a whole run's config."""
-    if (path / "checkpoints").is_dir():
-        tag, skipped = newest_valid_tag(path)
-        for line in skipped:
-            print(f"smim_dist: {line}", file=sys.stderr)
-        if tag is None:
-            raise ConfigError(f"{path} has no usable checkpoint" + (f": {'; '.join(skipped)}" if skipped else ""))
-        path = path / "checkpoints" / tag
-    elif not any(path.glob("*model_states.pt")):
-        raise FileNotFoundError(f"{path} is not a smim_dist checkpoint (no DeepSpeed model states); pass a run "
-                                "directory or one of its checkpoints/<tag> directories")
-    problem = checkpoint_problem(path)
-    if problem:
-        raise ConfigError(f"checkpoint {path} is damaged: {problem}; nothing was read from it")
-    config_file = path.parent.parent / CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in the run directory {path.parent.parent}; the export needs the "
-                                "run's model config")
-    return path, config_from_dict(read_saved_config(config_file), check_files=False)
-
-
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model, gathered from ZeRO partitions where the optimizer holds the master copy."""
-    if any(checkpoint.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    else:
-        state = torch.load(checkpoint / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
-    return {key: value.float() for key, value in state.items()}
-
 
 def export(checkpoint: Path, out: Path) -> dict:
     checkpoint, cfg = resolve_checkpoint(checkpoint)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import losses, run_cli, tiny_overrides, train_cli
 from smim_dist.engine.checkpoint import checkpoint_problem, newest_valid_tag
-from smim_dist.export import consolidated_state_dict
+from smim_dist.engine.checkpoint import consolidated_state_dict
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from smim_dist.config import ModelConfig
-from smim_dist.export import consolidated_state_dict, resolve_checkpoint
+from smim_dist.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
 from smim_dist.models.mim import MIMModel
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs
 from smim_dist.targets.build import build_target

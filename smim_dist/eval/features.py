@@ -19,7 +19,7 @@ from torch import Tensor
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.engine.run_dir import CONFIG_FILE
-from smim_dist.export import consolidated_state_dict, resolve_checkpoint
+from smim_dist.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
 from smim_dist.models.sizes import vit_size
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 

@@ -44,7 +44,7 @@ from smim_dist.eval.features import default_device, rank_and_world, resolve_eval
 from smim_dist.eval.finetune_data import finetune_splits, seed_epoch, train_loader, train_transform
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, results_folder,
                                     save_progress, top_k_accuracy)
-from smim_dist.export import consolidated_state_dict
+from smim_dist.engine.checkpoint import consolidated_state_dict
 from smim_dist.models.timm_export import encoder_state_dict, timm_kwargs, timm_model_name
 
 FINETUNE_DIR = "finetune"

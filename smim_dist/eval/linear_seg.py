@@ -33,7 +33,7 @@ from smim_dist.eval.data import IGNORE_INDEX, SegmentationSplit, label_maps, seg
 from smim_dist.eval.features import check_block, default_device, rank_and_world, resolve_eval_run
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
                                     replace_atomically, results_folder, save_progress)
-from smim_dist.export import consolidated_state_dict
+from smim_dist.engine.checkpoint import consolidated_state_dict
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 
 SEG_DIR = "seg"

@@ -45,7 +45,7 @@ from smim_dist.eval.linear_seg import confusion_matrix, segmentation_scores
 from smim_dist.eval.upernet_data import TrainCrops, ValImages, check_label_ids, epoch_items, normalise
 from smim_dist.eval.results import (METRICS_FILE, RESULTS_FILE, checkpoint_header, merge_results, prior_work,
                                     replace_atomically, results_folder)
-from smim_dist.export import consolidated_state_dict
+from smim_dist.engine.checkpoint import consolidated_state_dict
 from smim_dist.models.timm_export import encoder_state_dict, timm_kwargs, timm_model_name
 from smim_dist.models.upernet import UperNet
 
