@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from smim_dist.config import Config, ConfigError, config_from_dict
 from smim_dist.engine.distributed import DistInfo, barrier
@@ -234,6 +233,8 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Config]:
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model, gathered from ZeRO partitions where the optimizer holds the master copy."""
     if any(checkpoint.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # login nodes lack it
+
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     else:
         state = torch.load(checkpoint / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
