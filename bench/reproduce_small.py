@@ -108,7 +108,8 @@ def scores(cfg: Config, encoder: torch.nn.Module | None, seed: int, args: argpar
         return [extract_features(encoder, centre_crop_loader(split, cfg.model.img_size, 256, cfg.data.num_workers),
                                  split.num_samples, DEVICE, block=block) for split in splits]
 
-    final, probed = features(None), features(probe_block)
+    final = features(None)
+    probed = final if encoder is None else features(probe_block)  # raw pixels have no blocks
     result = {f"knn_{kind}": knn_accuracy(final[0][kind], labels[0], final[1][kind], labels[1])["top1"]
               for kind in final[0]}
     recipe = ProbeRecipe(epochs=args.probe_epochs, warmup_epochs=max(1, args.probe_epochs // 10), batch_size=256)
