@@ -34,8 +34,8 @@ from smim_dist.config import Config, load_config
 from smim_dist.data.convert import convert_imagefolder
 from smim_dist.data.ffcv_ops import flip_in_place, jitter_in_place
 from smim_dist.data.pretrain_loader import build_pretrain_loader
-from smim_dist.masking import build_mask_generator
-from smim_dist.models.sizes import image_grid
+from smim_dist.data.masking import build_mask_generator
+from smim_dist.vit_sizes import image_grid
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")

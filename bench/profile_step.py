@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from smim_dist.config import ModelConfig
 from smim_dist.loss import gather_masked, mim_loss
-from smim_dist.masking import RandomMaskGenerator
+from smim_dist.data.masking import RandomMaskGenerator
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.hog import HOGTarget

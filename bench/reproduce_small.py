@@ -37,7 +37,7 @@ from smim_dist.eval.linear_probe import ProbeRecipe, head_accuracy, train_heads
 from smim_dist.eval.linear_seg import SegRecipe, encode_maps, evaluate_head, train_seg_head
 from smim_dist.engine.checkpoint import resolve_checkpoint
 from smim_dist.models.mim import MIMModel
-from smim_dist.models.sizes import vit_size
+from smim_dist.vit_sizes import vit_size
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 from smim_dist.targets.build import build_target
 

@@ -37,7 +37,7 @@ from smim_dist.engine.deepspeed_setup import build_engine, check_precision
 from smim_dist.engine.distributed import DistInfo, barrier, init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.run_logger import RunLogger
-from smim_dist.masking import build_mask_generator
+from smim_dist.data.masking import build_mask_generator
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target

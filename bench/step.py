@@ -26,7 +26,7 @@ from torch import nn
 from smim_dist.config import ModelConfig
 from smim_dist.engine.device_peak import datasheet_peak
 from smim_dist.loss import gather_masked, mim_loss
-from smim_dist.masking import RandomMaskGenerator
+from smim_dist.data.masking import RandomMaskGenerator
 from smim_dist.models.flops import forward_flops
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel

@@ -25,6 +25,7 @@ from torch.distributed.run import parse_args as torchrun_args
 from torch.distributed.run import run as torchrun
 
 from smim_dist.config import ConfigError, load_config
+from smim_dist.preflight import refuse_missing_files
 from smim_dist.engine.run_lock import check_free
 
 ENVIRONMENT = {"nproc": "NPROC_PER_NODE", "nnodes": "NNODES", "node_rank": "NODE_RANK", "master_addr": "MASTER_ADDR",
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        refuse_missing_files(cfg)
         cfg.optim.accumulation_steps(args.nnodes * args.nproc)
         check_free(cfg.run_dir)
     except ConfigError as err:

@@ -23,7 +23,8 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError
 
-from smim_dist.config import Config, ConfigError, load_config, missing_files
+from smim_dist.config import Config, ConfigError, load_config
+from smim_dist.preflight import missing_files
 from smim_dist.engine.checkpoint import check_resumable, checkpoint_meta, checkpoint_root, newest_valid_tag
 from smim_dist.engine.run_dir import check_run_dir
 from smim_dist.engine.run_lock import check_free
@@ -229,9 +230,9 @@ def scheduler_problems(args: argparse.Namespace, scripts: dict[str, str], reques
 
 def submit(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
-    cfg = load_config(args.config, overrides, check_files=False)
+    cfg = load_config(args.config, overrides)
     if args.container_image:
-        cfg = load_config(args.config, [*overrides, *container_overrides(cfg)], check_files=False)
+        cfg = load_config(args.config, [*overrides, *container_overrides(cfg)])
     world_size = args.nodes * (args.gpus_per_node or args.tasks_per_node)
     finished = check_run(cfg, world_size)
     if finished:

@@ -19,6 +19,7 @@ from pathlib import Path
 import submitit
 
 from smim_dist.config import config_from_dict
+from smim_dist.preflight import refuse_missing_files
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.stop_signals import StopSignals
 from smim_dist.eval.jobs import SlurmEvalJobs
@@ -45,6 +46,7 @@ class TrainJob:
                                                                             overwrite=True)
         stop = StopSignals().install()
         cfg = config_from_dict(self.config)
+        refuse_missing_files(cfg)
         dist_info = init_distributed()
         state = train(cfg, dist_info, stop, eval_slurm=self.eval_slurm)
         if state.epoch >= cfg.optim.epochs:

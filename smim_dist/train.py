@@ -15,6 +15,7 @@ import sys
 import torch
 
 from smim_dist.config import Config, ConfigError, load_config
+from smim_dist.preflight import refuse_missing_files
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
 from smim_dist.engine.checkpoint import (check_resumable, latest_tag, newest_valid_tag, prune_checkpoints,
                                         save_checkpoint)
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.watch_parent()
     try:
         cfg = load_config(args.config, args.overrides)
+        refuse_missing_files(cfg)
         check_wandb_credentials(cfg)
         dist_info = init_distributed()
         state = train(cfg, dist_info, stop)

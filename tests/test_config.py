@@ -7,7 +7,10 @@ import yaml
 
 from smim_dist.config import Config, ConfigError, config_from_dict, load_config, save_config
 from smim_dist.engine.run_dir import config_changes
+from smim_dist.data.masking import build_mask_generator
 from smim_dist.engine.schedule import cosine_lr
+from smim_dist.preflight import refuse_missing_files
+from smim_dist.vit_sizes import image_grid
 
 from conftest import REPO
 
@@ -88,9 +91,6 @@ def test_whole_numbers_in_any_notation_fill_int_fields_and_fractions_do_not():
     ("", ["engine.overlap_comm=true", "engine.zero_stage=0"], "ZeRO 0 reduces after the backward"),
     ("", ["log.profile_steps=-1"], "log.profile_steps=-1, log.profile_from_step=20"),
     ("", ["log.profile_steps=5", "log.profile_from_step=0"], "log.profile_from_step=0: trace"),
-    ("", ["target.kind=beit"], "target.tokenizer_path"),
-    ("", ["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
-    ("", ["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),
     ("", ["data.path=/data/in1k.beton"], "set data.demo=false to read it"),
     ("", ["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be 0 or more"),
     ("", ["optim.clip_grad=-1"], "optim.clip_grad=-1.0 must be 0 (no clipping) or more"),
@@ -113,6 +113,39 @@ def test_errors_name_the_file_key_and_fix(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_config(path, overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["target.kind=beit"], "target.tokenizer_path"),
+    (["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
+    (["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),
+    (["eval.config_dir=/nonexistent"], "eval.config_dir=/nonexistent: no such folder"),
+])
+def test_files_this_machine_lacks_are_refused_where_the_run_reads_them_not_at_load(overrides, message):
+    """A saved run is exported or evaluated on machines without its data or tokenizer: loading checks the schema,
+    the preflight the files."""
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as err:
+        refuse_missing_files(cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["random", "block"])
+@pytest.mark.parametrize("img_size, ratio", [(64, 0.6), (64, 0.9), (96, 0.3), (96, 0.5), (224, 0.05), (224, 0.4)])
+def test_config_accepts_exactly_the_masks_the_generator_can_draw(kind, img_size, ratio):
+    """The config checks masks without the numba generators (login nodes); the two must not drift apart."""
+    overrides = [f"mask.kind={kind}", f"model.img_size={img_size}", f"mask.ratio={ratio}"]
+    try:
+        build_mask_generator(kind, image_grid(img_size, 16), ratio)
+        drawable = True
+    except ValueError:
+        drawable = False
+    try:
+        load_config(None, overrides)
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted == drawable
 
 
 def test_unknown_key_error_names_the_file(tmp_path):
@@ -203,7 +236,7 @@ def test_cosine_schedule_values():
 
 
 def test_block_masking_that_cannot_fit_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"mask.kind=block.*min_block_patches=16"):
+    with pytest.raises(ConfigError, match=r"mask.kind=block.*fewer than one block \(16 patches"):
         load_config(REPO / "configs/demo_cpu.yaml", ["model.img_size=32", "mask.kind=block", "mask.ratio=0.4"])
 
 

@@ -39,14 +39,14 @@ import sys
 import smim_dist.data.convert as convert
 from smim_dist.data.convert_cli import main
 
-read = convert._Samples.__getitem__
+read = convert.SampleReader.__getitem__
 
 def changed_on_disk(self, index):  # as if a file were replaced by garbage between the two passes
     if index == 2:
         self.sources[index] = __file__
     return read(self, index)
 
-convert._Samples.__getitem__ = changed_on_disk
+convert.SampleReader.__getitem__ = changed_on_disk
 sys.exit(main())
 """
 

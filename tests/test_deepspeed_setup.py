@@ -20,7 +20,7 @@ from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard
 from smim_dist.run_logger import RunLogger
 from smim_dist.loss import gather_masked, mim_loss
-from smim_dist.masking import RandomMaskGenerator
+from smim_dist.data.masking import RandomMaskGenerator
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target

@@ -12,7 +12,8 @@ from PIL import Image
 
 from smim_dist.eval.cli import main
 from smim_dist.eval.data import IGNORE_INDEX
-from smim_dist.eval.linear_seg import SegRecipe, confusion_matrix, evaluate_head, segmentation_scores, train_seg_head
+from smim_dist.eval.linear_seg import SegRecipe, evaluate_head, train_seg_head
+from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 
 from test_linear_probe import TAG
 

@@ -4,7 +4,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from smim_dist.masking import (
+from smim_dist.data.masking import (
     BlockMaskGenerator,
     RandomMaskGenerator,
     build_mask_generator,

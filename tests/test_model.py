@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from smim_dist.config import ModelConfig
 from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
-from smim_dist.masking import RandomMaskGenerator
+from smim_dist.data.masking import RandomMaskGenerator
 from smim_dist.models.flops import appendix_c_block_macs, forward_flops
 from smim_dist.models.layers import Block
 from smim_dist.models.mask_index import MaskIndices

@@ -40,7 +40,7 @@ def test_a_wheel_install_finds_the_shipped_configs(tmp_path):
               "import smim_dist\n"
               "print(smim_dist.__file__)\n"
               "print(find_config('beit_proxy'))\n"
-              "print(load_config('maskfeat_proxy', check_files=False).mask.ratio)\n"
+              "print(load_config('maskfeat_proxy').mask.ratio)\n"
               "print(find_config('configs/demo_cpu.yaml'))\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -108,7 +108,7 @@ def test_the_login_node_checks_sizes_and_rank_0_checks_hashes(run_copy, monkeypa
     calls = []
     monkeypatch.setattr(slurm, "newest_valid_tag",
                         lambda run_dir, hashes=True: calls.append(hashes) or newest_valid_tag(run_dir, hashes))
-    assert "already finished" in slurm.check_run(load_config(run_copy / "config.yaml", check_files=False), 1)
+    assert "already finished" in slurm.check_run(load_config(run_copy / "config.yaml"), 1)
     assert calls == [False]
 
 

@@ -11,7 +11,7 @@ from deepspeed.accelerator import get_accelerator
 from conftest import losses, run_cli, tiny_overrides, train_cli
 from smim_dist.config import load_config
 from smim_dist.models.flops import forward_flops
-from smim_dist.models.sizes import vit_size
+from smim_dist.vit_sizes import vit_size
 from smim_dist.targets.build import build_target
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
@@ -345,7 +345,7 @@ def test_a_resume_that_changes_harmless_settings_saves_them_and_records_the_chan
     run = tmp_path / "changed"
     changed = [*overrides, "log.every_steps=2", "checkpoint.keep_last=7"]
     train_cli(1, TINY_CONFIG, changed)
-    saved = load_config(run / "config.yaml", check_files=False)
+    saved = load_config(run / "config.yaml")
     assert (saved.log.every_steps, saved.checkpoint.keep_last) == (2, 7)
     records = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
     assert [record["changes"] for record in records] == [["checkpoint.keep_last: 3 -> 7", "log.every_steps: 1 -> 2"]]

@@ -13,7 +13,7 @@ from PIL import Image
 from smim_dist.config import ConfigError, ModelConfig
 from smim_dist.eval.cli import main
 from smim_dist.eval.data import ADE_CLASSES, IGNORE_INDEX, read_label_map, segmentation_splits
-from smim_dist.eval.linear_seg import confusion_matrix, segmentation_scores
+from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.upernet import UperNetRecipe, run_upernet, seg_loss, slide_logits, upernet_optimizer
 from smim_dist.eval.upernet_data import normalise
 from smim_dist.models.timm_export import create_timm_encoder

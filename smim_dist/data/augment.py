@@ -16,9 +16,9 @@ from torch import Tensor
 
 from smim_dist.config import Config
 from smim_dist.data.seeded import crop_box, flips, jitter_factors, sample_key
-from smim_dist.masking import build_mask_generator
+from smim_dist.data.masking import build_mask_generator
 from smim_dist.models.mask_index import MaskIndices
-from smim_dist.models.sizes import image_grid
+from smim_dist.vit_sizes import image_grid
 
 
 @dataclass

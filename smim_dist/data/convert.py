@@ -75,11 +75,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read(source: str | Member) -> bytes:
+def read_source(source: str | Member) -> bytes:
     return Path(source).read_bytes() if isinstance(source, str) else read_member(source)
 
 
-def _decode(data: bytes) -> tuple[Image.Image, str]:
+def decode_rgb(data: bytes) -> tuple[Image.Image, str]:
     """The fully decoded RGB image and its original mode; raises on anything unreadable."""
     with warnings.catch_warnings():  # EXIF and palette warnings would garble the progress bar
         warnings.simplefilter("ignore")
@@ -88,13 +88,13 @@ def _decode(data: bytes) -> tuple[Image.Image, str]:
             return _to_rgb(image), image.mode
 
 
-def _probe(source: str | Member) -> tuple[str | None, str, int, int]:
+def probe_image(source: str | Member) -> tuple[str | None, str, int, int]:
     """(None, mode, width, height) for a usable image, (reason, "", 0, 0) for one to skip; never raises."""
     try:
-        data = _read(source)
+        data = read_source(source)
         if not data:
             return "empty file", "", 0, 0
-        image, mode = _decode(data)
+        image, mode = decode_rgb(data)
         return None, mode, *image.size
     except UnidentifiedImageError:  # PIL's message names the BytesIO object, the report already names the file
         return "UnidentifiedImageError: cannot identify image file", "", 0, 0
@@ -117,7 +117,7 @@ def _compressed(index, share: float):
     return (np.asarray(index) * _GOLDEN) % 1.0 < share
 
 
-class _Samples:
+class SampleReader:
     """The dataset FFCV's writer indexes. ``field`` is the writer's own image field (the same object in each forked
     worker), switched between raw and JPEG per sample just before FFCV encodes it. ``PAGE_BYTES_PER_PIXEL`` bounds a
     sample's bytes per (shrunk) image pixel, as FFCV needs a whole sample on one page."""
@@ -141,8 +141,8 @@ class _Samples:
         return {"image": self.field, "label": IntField(), "index": IntField()}
 
     def load(self, index: int) -> tuple:
-        image, _ = _decode(_read(self.sources[index]))
-        return _shrunk(image, self.max_side, Image.Resampling.LANCZOS), self.labels[index], index
+        image, _ = decode_rgb(read_source(self.sources[index]))
+        return shrunk(image, self.max_side, Image.Resampling.LANCZOS), self.labels[index], index
 
     def __getitem__(self, index: int) -> tuple:
         try:
@@ -156,14 +156,14 @@ class _Samples:
         return values
 
 
-def _shrunk(image: Image.Image, max_side: int, resample) -> np.ndarray:
+def shrunk(image: Image.Image, max_side: int, resample) -> np.ndarray:
     size = _fitted(*image.size, max_side)
     if size != image.size:
         image = image.resize(size, resample, reducing_gap=3.0 if resample == Image.Resampling.LANCZOS else None)
     return np.asarray(image)
 
 
-def _watch(writer, samples: _Samples, parent: int) -> None:
+def _watch(writer, samples: SampleReader, parent: int) -> None:
     """End the writing process group when a worker fails, or when the converting process is gone (killed: nobody
     would rename or remove the file). FFCV 1.0.2's writer waits for a sample count that a dead worker never
     delivers, so it would hang forever; the parent sees the killed process and cleans up."""
@@ -181,7 +181,7 @@ def _watch(writer, samples: _Samples, parent: int) -> None:
             os.killpg(0, signal.SIGKILL)
 
 
-def _write(tmp: str, samples: _Samples, jpeg_quality: int, page_size: int, workers: int, chunk_size: int) -> None:
+def _write(tmp: str, samples: SampleReader, jpeg_quality: int, page_size: int, workers: int, chunk_size: int) -> None:
     """Body of the writing process: its own process group, so one signal stops it and FFCV's workers together."""
     parent = os.getppid()
     os.setpgid(0, 0)
@@ -199,7 +199,7 @@ def _write(tmp: str, samples: _Samples, jpeg_quality: int, page_size: int, worke
                            f"{len(samples)} samples with {images} images each")
 
 
-def _write_in_group(tmp: Path, samples: _Samples, jpeg_quality: int, page_size: int, workers: int,
+def _write_in_group(tmp: Path, samples: SampleReader, jpeg_quality: int, page_size: int, workers: int,
                     chunk_size: int) -> None:
     host = multiprocessing.get_context("fork").Process(
         target=_write, args=(str(tmp), samples, jpeg_quality, page_size, workers, chunk_size))
@@ -216,7 +216,8 @@ def _write_in_group(tmp: Path, samples: _Samples, jpeg_quality: int, page_size: 
         raise RuntimeError(f"writing {tmp} failed (writer exit code {host.exitcode}); see the messages above")
 
 
-def _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite) -> tuple[Path, dict]:
+def checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers,
+                     overwrite) -> tuple[Path, dict]:
     """The resolved output path and the report's settings, refusing bad ones before any work. ``workers`` defaults to
     the CPUs this process may use, which respects cluster CPU limits where ``os.cpu_count`` would not."""
     out = Path(out).resolve()
@@ -257,11 +258,11 @@ def _map(function, items: list, workers: int, chunk_size: int, desc: str, unit: 
         pool.shutdown(cancel_futures=True)  # on Ctrl-C or SIGTERM, do not finish the queued items first
 
 
-def _convert(source: str, samples: list[tuple[str, str | Member, int]], skipped: list[dict],
-             out: Path, settings: dict, layout: dict, start: float, probe=_probe, dataset=_Samples) -> dict:
+def write_samples(source: str, samples: list[tuple[str, str | Member, int]], skipped: list[dict], out: Path,
+                  settings: dict, layout: dict, start: float, probe=probe_image, dataset=SampleReader) -> dict:
     """Probe ``samples`` (name, source, label), write the usable ones to ``out`` and the report beside it.
     ``skipped`` holds what the layout refused before decoding, ``layout`` the report's fields of that layout;
-    ``probe`` checks one source as ``_probe`` does, ``dataset`` is ``_Samples`` or a subclass."""
+    ``probe`` checks one source as ``probe_image`` does, ``dataset`` is ``SampleReader`` or a subclass."""
     max_side, share = settings["max_side"], settings["compress_share"]
     probes = _map(probe, [sample[1] for sample in samples], settings["workers"], settings["chunk_size"], "checking",
                   "img")
@@ -312,7 +313,7 @@ def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, c
     """Convert the ImageFolder tree ``src`` to the FFCV file ``out``; return the report, also written to
     ``out.report.json``. ``raw`` stores every image uncompressed (``compress_share`` 0)."""
     start = time.perf_counter()
-    out, settings = _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
+    out, settings = checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
     src = Path(src).resolve()
     if not src.is_dir():
         raise UsageError(f"source {src} is not a directory; expected an ImageFolder tree SRC/<class>/<image>")
@@ -323,7 +324,7 @@ def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, c
         raise UsageError(f"{src} has class folders but no image files in them (extensions "
                          f"{', '.join(sorted(EXTENSIONS))}); expected SRC/<class>/<image>")
     samples = [(rel, str(src / rel), label) for rel, label in files]
-    return _convert(str(src), samples, [], out, settings, {"classes": classes}, start)
+    return write_samples(str(src), samples, [], out, settings, {"classes": classes}, start)
 
 
 def _local_shards(spec: str) -> list[str]:
@@ -354,9 +355,9 @@ def convert_webdataset(shards: str, out, max_side: int = 512, jpeg_quality: int 
     -1 without one; .txt and .json members are ignored. A damaged shard is reported, and its samples before the damage
     converted."""
     start = time.perf_counter()
-    out, settings = _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
+    out, settings = checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
     paths = _local_shards(shards)
     indexed = _map(index_tar, paths, settings["workers"], 1, "indexing", "shard")
     samples = [sample for found, _ in indexed for sample in found]
     skipped = [skip for _, skips in indexed for skip in skips]
-    return _convert(shards, samples, skipped, out, settings, {"shards": len(paths)}, start)
+    return write_samples(shards, samples, skipped, out, settings, {"shards": len(paths)}, start)

@@ -28,8 +28,8 @@ from smim_dist.config import Config, ConfigError
 from smim_dist.data.beton_check import open_beton
 from smim_dist.data.ffcv_ops import EpochClock, ResizeDecoder, SeededCropDecoder, SeededPatchMasks
 from smim_dist.data.sampler import ResumableDistributedSampler
-from smim_dist.masking import build_mask_generator
-from smim_dist.models.sizes import image_grid
+from smim_dist.data.masking import build_mask_generator
+from smim_dist.vit_sizes import image_grid
 
 REQUIRED_FIELDS = {"image": RGBImageField, "index": IntField}
 EVAL_CROP_RATIO = 224 / 256

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smim_dist.data.convert import (EXTENSIONS, UsageError, _convert, _decode, _probe, _read, _settings, _shrunk,
-                                    _Samples)
+from smim_dist.data.convert import (EXTENSIONS, SampleReader, UsageError, checked_settings, decode_rgb, probe_image,
+                                    read_source, shrunk, write_samples)
 
 __all__ = ["MASK_MODES", "convert_segmentation", "pair_files", "read_mask"]
 
@@ -98,12 +98,12 @@ def read_mask(data: bytes) -> np.ndarray:
 
 
 def _probe_pair(paths: tuple[str, str]) -> tuple[str | None, str, int, int]:
-    """As ``_probe`` for the image, and the mask must be a readable P or L map of the image's size."""
-    reason, mode, width, height = _probe(paths[0])
+    """As ``probe_image`` for the image, and the mask must be a readable P or L map of the image's size."""
+    reason, mode, width, height = probe_image(paths[0])
     if reason:
         return reason, mode, width, height
     try:
-        ids = read_mask(_read(paths[1]))
+        ids = read_mask(read_source(paths[1]))
     except Exception as err:
         return f"mask {paths[1]}: {type(err).__name__}: {err}", "", 0, 0
     if ids.shape != (height, width):
@@ -112,10 +112,11 @@ def _probe_pair(paths: tuple[str, str]) -> tuple[str | None, str, int, int]:
     return None, mode, width, height
 
 
-class _SegmentationSamples(_Samples):
-    """Image, mask (ids in three channels, always raw) and index; the image's storage switches as in ``_Samples``."""
+class _SegmentationSamples(SampleReader):
+    """Image, mask (ids in three channels, always raw) and index; the image's storage switches as in
+    ``SampleReader``."""
 
-    PAGE_BYTES_PER_PIXEL = 9  # the image as in _Samples plus 3 bytes of raw mask
+    PAGE_BYTES_PER_PIXEL = 9  # the image as in SampleReader plus 3 bytes of raw mask
     IMAGES_PER_SAMPLE = 2
 
     def fields(self, jpeg_quality: int) -> dict:
@@ -126,9 +127,9 @@ class _SegmentationSamples(_Samples):
 
     def load(self, index: int) -> tuple:
         image_path, mask_path = self.sources[index]
-        image, _ = _decode(_read(image_path))
-        ids = _shrunk(Image.fromarray(read_mask(_read(mask_path))), self.max_side, Image.Resampling.NEAREST)
-        return (_shrunk(image, self.max_side, Image.Resampling.LANCZOS), np.repeat(ids[..., None], 3, axis=2),
+        image, _ = decode_rgb(read_source(image_path))
+        ids = shrunk(Image.fromarray(read_mask(read_source(mask_path))), self.max_side, Image.Resampling.NEAREST)
+        return (shrunk(image, self.max_side, Image.Resampling.LANCZOS), np.repeat(ids[..., None], 3, axis=2),
                 index)
 
 
@@ -138,12 +139,12 @@ def convert_segmentation(images, masks, out, max_side: int = 512, jpeg_quality: 
     """Convert the images under ``images`` and their label maps under ``masks`` to the FFCV file ``out``; return the
     report, also written to ``out.report.json``. Options as for ``convert_imagefolder``."""
     start = time.perf_counter()
-    out, settings = _settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
+    out, settings = checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
     pairs, lonely_images, lonely_masks = pair_files(images, masks)
     images, masks = Path(images).resolve(), Path(masks).resolve()
     samples = [(rel, (str(images / rel), str(masks / mask)), 0) for rel, mask in pairs]
     layout = {"masks": str(masks), "paired": len(pairs), "without_mask": len(lonely_images),
               "without_mask_first": lonely_images[:_LISTED], "without_image": len(lonely_masks),
               "without_image_first": lonely_masks[:_LISTED]}
-    return _convert(str(images), samples, [], out, settings, layout, start, probe=_probe_pair,
+    return write_samples(str(images), samples, [], out, settings, layout, start, probe=_probe_pair,
                     dataset=_SegmentationSamples)

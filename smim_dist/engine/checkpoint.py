@@ -227,7 +227,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Config]:
     if not config_file.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in the run directory {path.parent.parent}; the export needs the "
                                 "run's model config")
-    return path, config_from_dict(read_saved_config(config_file), check_files=False)
+    return path, config_from_dict(read_saved_config(config_file))
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:

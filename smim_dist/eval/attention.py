@@ -33,7 +33,7 @@ from smim_dist.eval.data import centre_crop_loader, eval_splits
 from smim_dist.eval.features import default_device, load_encoder, resolve_eval_run
 from smim_dist.eval.results import checkpoint_header, merge_results, results_folder
 from smim_dist.files import write_atomic
-from smim_dist.models.sizes import image_grid, vit_size
+from smim_dist.vit_sizes import image_grid, vit_size
 
 SHOWN_IMAGES = 4
 """images whose per-image maps (Fig. 1/7, 8) are stored and drawn"""

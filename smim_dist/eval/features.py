@@ -20,7 +20,7 @@ from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.engine.run_dir import CONFIG_FILE
 from smim_dist.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
-from smim_dist.models.sizes import vit_size
+from smim_dist.vit_sizes import vit_size
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 
 FEATURES = ("cls", "patch")
@@ -37,7 +37,7 @@ def resolve_eval_run(path: Path, overrides: Sequence[str] = ()) -> tuple[Path, C
         raise ConfigError(f"override {fixed[0]!r}: an evaluation may only override data.* keys; the rest of the "
                           "config is the run's and the model is fixed by its weights")
     if overrides:
-        cfg = load_config(checkpoint.parent.parent / CONFIG_FILE, list(overrides), check_files=False)
+        cfg = load_config(checkpoint.parent.parent / CONFIG_FILE, list(overrides))
     return checkpoint, cfg
 
 

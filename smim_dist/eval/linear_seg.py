@@ -31,6 +31,7 @@ from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.data.pretrain_loader import prepare_demo_data
 from smim_dist.eval.data import IGNORE_INDEX, SegmentationSplit, label_maps, segmentation_splits, whole_image_loader
 from smim_dist.eval.features import check_block, default_device, rank_and_world, resolve_eval_run
+from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
                                     replace_atomically, results_folder, save_progress)
 from smim_dist.engine.checkpoint import consolidated_state_dict
@@ -109,27 +110,6 @@ def train_seg_head(maps: Tensor, labels: Tensor, num_classes: int, recipe: SegRe
                   "history": history})
         say(f"linear segmentation epoch {epoch + 1}/{recipe.epochs}: train loss {history[-1]['train_loss']:.4f}")
     return head
-
-
-def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """int64 ``[C, C]``: row = true class, column = predicted class, over the pixels not labelled ``IGNORE_INDEX``."""
-    labels = labels.long()
-    valid = labels != IGNORE_INDEX
-    pairs = labels[valid] * num_classes + predictions[valid].long()
-    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
-
-
-def segmentation_scores(confusion: Tensor) -> dict:
-    """mIoU over the classes that occur (in labels or predictions: union > 0; the others are None per class), and
-    pixel accuracy."""
-    confusion = confusion.double()
-    hits = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - hits
-    present = union > 0
-    iou = torch.where(present, hits / union.clamp(min=1), torch.zeros_like(hits))
-    return {"miou": iou[present].mean().item() if present.any() else 0.0,
-            "pixel_acc": (hits.sum() / confusion.sum().clamp(min=1)).item(),
-            "per_class_iou": [value if ok else None for value, ok in zip(iou.tolist(), present.tolist())]}
 
 
 @torch.no_grad()

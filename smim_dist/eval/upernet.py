@@ -41,7 +41,7 @@ from smim_dist.config import Config, ConfigError
 from smim_dist.data.pretrain_loader import prepare_demo_data
 from smim_dist.eval.data import IGNORE_INDEX, SegmentationSplit, segmentation_splits
 from smim_dist.eval.features import default_device, rank_and_world, resolve_eval_run
-from smim_dist.eval.linear_seg import confusion_matrix, segmentation_scores
+from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.upernet_data import TrainCrops, ValImages, check_label_ids, epoch_items, normalise
 from smim_dist.eval.results import (METRICS_FILE, RESULTS_FILE, checkpoint_header, merge_results, prior_work,
                                     replace_atomically, results_folder)

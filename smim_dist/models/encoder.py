@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smim_dist.models.layers import Block
-from smim_dist.models.sizes import ViTSize, image_grid
+from smim_dist.vit_sizes import ViTSize, image_grid
 
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:

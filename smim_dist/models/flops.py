@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smim_dist.config import ModelConfig
-from smim_dist.models.sizes import vit_size
+from smim_dist.vit_sizes import vit_size
 
 
 @dataclass(frozen=True)

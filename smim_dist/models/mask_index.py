@@ -46,7 +46,7 @@ class MaskIndices:
         if not bool((counts == counts[0]).all()):
             raise ValueError(
                 f"every image needs the same number of masked patches, got counts {sorted(set(counts.tolist()))}; "
-                "use the generators in smim_dist.masking, which mask an exact count")
+                "use the generators in smim_dist.data.masking, which mask an exact count")
         num_masked, num_patches = int(counts[0]), mask.shape[1]
         if not 0 < num_masked < num_patches:
             raise ValueError(

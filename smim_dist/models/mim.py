@@ -16,7 +16,7 @@ from smim_dist.config import ModelConfig
 from smim_dist.models.encoder import ViTEncoder, drop_path_rates
 from smim_dist.models.layers import ReconBlock
 from smim_dist.models.mask_index import MaskIndices
-from smim_dist.models.sizes import vit_size
+from smim_dist.vit_sizes import vit_size
 
 
 

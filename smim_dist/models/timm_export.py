@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from smim_dist.config import ModelConfig
 from smim_dist.config_loading import ConfigError
-from smim_dist.models.sizes import vit_size
+from smim_dist.vit_sizes import vit_size
 
 ENCODER_PREFIX = "encoder."
 

@@ -20,6 +20,7 @@ import numbers
 import numpy as np
 from numba import njit
 
+from smim_dist.config import MIN_BLOCK_PATCHES, masked_patch_count
 from smim_dist.data.seeded import block_mask, place_blocks, random_mask, sample_key
 
 __all__ = [
@@ -63,7 +64,7 @@ def _num_masked_from_ratio(mask_ratio, grid: tuple[int, int]) -> int:
     valid = f"use a ratio in [{1 / n:.4g}, {(n - 1) / n:.4g}]"
     if not isinstance(mask_ratio, numbers.Real) or not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio={mask_ratio!r} is not a fraction in [0, 1]; {valid}")
-    num_masked = math.ceil(mask_ratio * n - 1e-9)  # the authors' count; the guard keeps 0.3 x 10 at 3
+    num_masked = masked_patch_count(mask_ratio, n)
     if num_masked == 0:
         raise ValueError(
             f"mask_ratio={mask_ratio!r} masks none of the {n} patches of a {rows}x{cols} "
@@ -131,7 +132,7 @@ class BlockMaskGenerator(_MaskGenerator):
         self,
         grid: tuple[int, int],
         num_masked: int,
-        min_block_patches: int = 16,
+        min_block_patches: int = MIN_BLOCK_PATCHES,
         max_block_patches: int | None = None,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,

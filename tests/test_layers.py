@@ -1,0 +1,90 @@
+"""The package's layers: imports flow one way (docs/design.md draws them), and what login nodes load stays light."""
+
+import ast
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "smim_dist"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) for every ``from smim_dist... import`` and ``import smim_dist...``, function-level ones too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("smim_dist"):
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name.startswith("smim_dist")]
+    return found
+
+
+def layer_of(module: str) -> str:
+    """A subpackage, or a top-level module on its own: ``smim_dist.data.masking`` -> ``data``."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def import_graph(layer=lambda module: module) -> dict[str, set[str]]:
+    graph = defaultdict(set)
+    for path in PACKAGE.rglob("*.py"):
+        source = layer(module_name(path))
+        for module, names in imports_of(path):
+            submodules = [f"{module}.{name}" for name in names if (PACKAGE.parent / f"{module}.{name}".replace(
+                ".", "/")).with_suffix(".py").exists()]
+            for target in submodules or [module]:
+                if layer(target) != source:
+                    graph[source].add(layer(target))
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for successor in sorted(graph.get(node, ())):
+            if state.get(successor) == "open":
+                found.append(path[path.index(successor):] + [successor])
+            elif successor not in state:
+                visit(successor, [*path, successor])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_packages_import_each_other_in_one_direction():
+    assert cycles(import_graph(layer_of)) == []
+
+
+def test_modules_import_each_other_in_one_direction():
+    assert cycles(import_graph()) == []
+
+
+def test_the_walk_finds_a_cycle_when_there_is_one():
+    assert cycles({"config": {"models"}, "models": {"config"}}) == [["config", "models", "config"]]
+    assert import_graph(layer_of)["train"] >= {"config", "data", "engine"}
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [f"{module_name(path)}: {name} from {module}" for path in PACKAGE.rglob("*.py")
+               for module, names in imports_of(path) for name in names if name.startswith("_")]
+    assert private == []
+
+
+def test_config_and_the_file_checks_load_without_torch_or_numba():
+    """The SLURM launcher validates a run on a login node, where importing torch costs seconds (or is not there)."""
+    code = ("import sys, smim_dist.config, smim_dist.preflight\n"
+            "print(sorted(m for m in ('torch', 'numba', 'deepspeed', 'ffcv') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "[]"
