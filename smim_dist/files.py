@@ -5,17 +5,23 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a part; the new is on disk before it replaces the old."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` fills a temporary sibling of ``path`` (named for its process, so concurrent writers never share one),
+    which reaches the disk and then replaces ``path`` in one rename: readers see the old content or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    write(tmp)
+    with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def private_name(prefix: str) -> str:

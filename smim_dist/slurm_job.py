@@ -10,7 +10,6 @@ no SLURM client. The requeued job resumes the run from its newest valid checkpoi
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ from pathlib import Path
 import submitit
 
 from smim_dist.config import config_from_dict
+from smim_dist.files import replace_atomically
 from smim_dist.preflight import refuse_missing_files
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.stop_signals import StopSignals
@@ -66,8 +66,6 @@ class TrainJob:
                     "same command again to resume")
         env = submitit.JobEnvironment()
         pickle = env.paths.submitted_pickle
-        partial = pickle.with_name(pickle.name + ".tmp")
-        submitit.helpers.DelayedSubmission(replace(self, requeues=self.requeues + 1)).dump(partial)
-        os.replace(partial, pickle)
+        replace_atomically(pickle, submitit.helpers.DelayedSubmission(replace(self, requeues=self.requeues + 1)).dump)
         requeue_request(run_dir, env.job_id).write_text(f"requeue {self.requeues + 1}\n")
         return f"requeue {self.requeues + 1} of --max-requeues {self.max_requeues} asked of the batch shell"

@@ -35,7 +35,7 @@ def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
     assert not torch.equal(trained.encoder.pos_embed, torch.zeros_like(trained.encoder.pos_embed))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ours = trained.eval().encoder(images).tokens
+        ours = trained.eval().encoder(images)
         theirs = model.eval().forward_features(images)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 

@@ -7,8 +7,10 @@ import multiprocessing
 from copy import deepcopy
 from pathlib import Path
 
+import pytest
 import torch
 
+from smim_dist.config import ConfigError
 from smim_dist.eval.cli import main
 from smim_dist.eval.linear_probe import ProbeRecipe, head_accuracy, train_heads
 from smim_dist.eval.results import merge_results, read_results
@@ -72,11 +74,12 @@ def test_racing_protocols_keep_each_others_entries(tmp_path):
     assert read_results(tmp_path)["protocols"] == {f"p{i}-{r}": {"round": r} for i in range(4) for r in range(25)}
 
 
-def test_a_results_file_of_the_old_layout_reads_as_knn(tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({"protocol": "knn", "tag": TAG, "step": 4, "checkpoint": "/c",
-                                                       "k": 20, "cls": {"top1": 0.5}}))
-    assert read_results(tmp_path) == {"checkpoint": "/c", "tag": TAG, "step": 4,
-                                      "protocols": {"knn": {"k": 20, "cls": {"top1": 0.5}}}}
+def test_a_results_file_of_another_layout_is_refused_not_overwritten(tmp_path):
+    flat = json.dumps({"protocol": "knn", "tag": TAG, "step": 4, "checkpoint": "/c", "k": 20, "cls": {"top1": 0.5}})
+    (tmp_path / "results.json").write_text(flat)
+    with pytest.raises(ConfigError, match="not a smim-eval results file"):
+        read_results(tmp_path)
+    assert (tmp_path / "results.json").read_text() == flat
 
 
 PROBE = ["--block", "2", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--encode-batch-size", "8"]

@@ -120,21 +120,6 @@ def test_recon_attention_reads_only_proxy_and_mask_tokens():
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
 
 
-def test_encoder_features_for_downstream():
-    model = make("proxy")
-    images = torch.randn(2, 3, IMG, IMG)
-    out = model.encoder(images, layers=(2, 4), return_attention=True)
-    assert out.tokens.shape == (2, 4 + 16, 96)
-    assert set(out.hidden) == {2, 4} and len(out.attentions) == 4
-    assert model.encoder.cls_features(out.tokens).shape == (2, 96)
-    assert model.encoder.proxy_features(out.tokens).shape == (2, 4, 96)
-    feature_map = model.encoder.patch_map(out.hidden[2])
-    assert feature_map.shape == (2, 96, 4, 4)
-    torch.testing.assert_close(feature_map[:, :, 1, 2], out.hidden[2][:, 4 + 1 * 4 + 2])
-    with pytest.raises(ValueError, match="layer 5"):
-        model.encoder(images, layers=(5,))
-
-
 def test_beit_init_rescales_residual_outputs_in_both_stacks():
     torch.manual_seed(0)
     model = MIMModel(ModelConfig(size="tiny", mode="proxy", img_size=32), target_dim=8)
@@ -167,10 +152,14 @@ def test_weight_decay_reaches_the_tokens_a_recipe_names_only():
     names = {id(param): name for name, param in model.named_parameters()}
 
     def decayed(tokens):
-        group = param_groups(model, 0.05, tokens)[0]
+        group = next(g for g in param_groups(model, 0.05, tokens) if g["weight_decay"])
         return sorted(names[id(param)] for param in group["params"] if names[id(param)].endswith(("token", "embed")))
 
     assert decayed(()) == []
+    by_decay = {group["weight_decay"]: group["params"] for group in param_groups(model, 0.05)}
+    assert sorted(by_decay) == [0.0, 0.05] and sum(map(len, by_decay.values())) == len(names)
+    assert all(param.ndim >= 2 for param in by_decay[0.05]), "norms and biases are never decayed"
+    assert all(param.ndim <= 1 or names[id(param)].endswith(("token", "embed")) for param in by_decay[0.0])
     assert decayed(("mask_token",)) == ["mask_token"]
     assert decayed(("cls_token", "reg_token", "pos_embed")) == ["encoder.cls_token", "encoder.pos_embed",
                                                                 "encoder.reg_token"]

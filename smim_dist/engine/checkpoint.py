@@ -121,9 +121,10 @@ def _unlisted_part(folder: Path, listed: set[str]) -> str | None:
     if META not in listed:
         return f"its manifest does not list {META}"
     try:
-        ranks = int(json.loads((folder / META).read_text())["world_size"])
+        meta = json.loads((folder / META).read_text())
+        ranks, _ = int(meta["world_size"]), int(meta["accumulation"])
     except (ValueError, KeyError, TypeError) as err:
-        return f"{META} has no world size ({err})"
+        return f"{META} lacks the world size or the gradient accumulation it was written with ({err})"
     needed = [f"rng_rank{rank:05d}.pt" for rank in range(ranks)]
     if not any(name.endswith("model_states.pt") for name in listed):
         return "its manifest lists no model states"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import deepspeed
 import torch
+from timm.optim import param_groups_weight_decay
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
@@ -38,12 +39,8 @@ def set_fp32_precision(tf32: bool) -> None:
 def param_groups(model: nn.Module, weight_decay: float, decayed_tokens: tuple[str, ...] = ()) -> list[dict]:
     """AdamW groups: no decay on norms, biases (every tensor of rank <= 1), tokens and position embeddings, except
     the tokens named in ``decayed_tokens`` (the authors' recipes decay some)."""
-    skip = {name for name in model.no_weight_decay() if not name.endswith(tuple(decayed_tokens))}
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    skip = [name for name in model.no_weight_decay() if not name.endswith(tuple(decayed_tokens))]
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000

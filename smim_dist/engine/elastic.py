@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from deepspeed.checkpoint import ds_to_universal
 
 from smim_dist.config import Config
@@ -38,6 +35,7 @@ from smim_dist.engine.checkpoint import (MANIFEST, META, file_digests, checkpoin
 from smim_dist.engine.distributed import DistInfo, barrier
 from smim_dist.engine.loop import TrainState
 from smim_dist.files import write_atomic
+from smim_dist.seeding import reseed
 
 UNIVERSAL = "universal"
 
@@ -47,17 +45,12 @@ def resume(engine, cfg: Config, dist_info: DistInfo, tag: str) -> TrainState:
     (a bit-exact resume), the universal conversion otherwise. Returns the train state for this world size."""
     folder = checkpoint_root(cfg.run_dir) / tag
     meta = json.loads((folder / META).read_text())
-    # checkpoints from before the meta recorded it: one RNG file per rank
-    old_world = meta.get("world_size") or len(list(folder.glob("rng_rank*.pt")))
+    old_world = meta["world_size"]
     if old_world == dist_info.world_size:
         return TrainState(**load_checkpoint(engine, cfg.run_dir, dist_info, tag)["train_state"])
     state = TrainState(**_load_elsewhere(engine, cfg.run_dir, folder, dist_info, old_world)["train_state"])
-    old_accumulation = meta.get("accumulation") or cfg.optim.accumulation_steps(old_world)
-    state.batch_in_epoch = state.batch_in_epoch // old_accumulation * engine.gradient_accumulation_steps()
-    seed = int(np.random.SeedSequence([cfg.seed, state.step, dist_info.rank]).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    state.batch_in_epoch = state.batch_in_epoch // meta["accumulation"] * engine.gradient_accumulation_steps()
+    reseed(cfg.seed, state.step, dist_info.rank)
     return state
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,19 +22,11 @@ from torch import Tensor
 
 from smim_dist.config import ConfigError
 from smim_dist.engine.checkpoint import META
+from smim_dist.files import replace_atomically
 
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".results.lock"
 METRICS_FILE = "metrics.jsonl"
-HEADER = ("checkpoint", "tag", "step")
-
-
-def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` fills a temporary sibling of ``path``, which then replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -51,15 +42,15 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def read_results(folder: Path) -> dict[str, Any]:
-    """The folder's results, ``{"protocols": {}}`` when there are none. A file from before the shared layout (kNN's
-    fields at the top level) reads as a kNN entry, so old runs are neither re-evaluated nor refused."""
+    """The folder's results, ``{"protocols": {}}`` when there are none; a file of another layout is refused rather
+    than overwritten."""
     path = folder / RESULTS_FILE
     if not path.exists():
         return {"protocols": {}}
     stored = json.loads(path.read_text())
-    if "protocols" not in stored:
-        entry = {key: value for key, value in stored.items() if key not in (*HEADER, "protocol")}
-        stored = {**{key: stored.get(key) for key in HEADER}, "protocols": {stored.get("protocol", "knn"): entry}}
+    if not isinstance(stored, dict) or not isinstance(stored.get("protocols"), dict):
+        raise ConfigError(f"{path} is not a smim-eval results file (no `protocols` mapping); move it away, or pass "
+                          "--out to write the results elsewhere")
     return stored
 
 

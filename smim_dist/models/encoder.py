@@ -7,8 +7,6 @@ paper's [PROXY] tokens carry no spatial prior). A vanilla MIM encoder is the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
@@ -21,16 +19,6 @@ from smim_dist.vit_sizes import ViTSize, image_grid
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:
     """Stochastic depth grows linearly with depth, as in DeiT / BEiT."""
     return [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-
-
-@dataclass
-class EncoderOutput:
-    tokens: Tensor
-    """Final-normed tokens ``[B, P + N, D]``: P prefix tokens ([CLS] first), then the patches in row-major order."""
-    hidden: dict[int, Tensor] = field(default_factory=dict)
-    """Un-normed output of the requested blocks (1-based block index), same layout as ``tokens``."""
-    attentions: list[Tensor] = field(default_factory=list)
-    """Per block ``[B, heads, T, T]`` attention probabilities, only when asked for."""
 
 
 class ViTEncoder(nn.Module):
@@ -78,33 +66,10 @@ class ViTEncoder(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x, return_attention)
 
-    def forward(self, images: Tensor, layers: tuple[int, ...] = (), return_attention: bool = False) -> EncoderOutput:
-        """Encode whole images (no mask): what every downstream use sees."""
-        for layer in layers:
-            if not 1 <= layer <= len(self.blocks):
-                raise ValueError(f"layer {layer} out of range: this encoder has blocks 1..{len(self.blocks)}")
-        patches = self.embed_patches(images) + self.pos_embed
-        x = torch.cat([self.prefix_tokens(images.shape[0]), patches], dim=1)
-        out = EncoderOutput(tokens=x)
+    def forward(self, images: Tensor) -> Tensor:
+        """Final-normed tokens ``[B, P + N, D]`` of whole images (no mask): what the exported timm model must
+        reproduce (tests/test_export.py)."""
+        x = torch.cat([self.prefix_tokens(images.shape[0]), self.embed_patches(images) + self.pos_embed], dim=1)
         for index in range(len(self.blocks)):
-            x, probs = self.run_block(index, x, return_attention)
-            if index + 1 in layers:
-                out.hidden[index + 1] = x
-            if probs is not None:
-                out.attentions.append(probs)
-        out.tokens = self.norm(x)
-        return out
-
-    def cls_features(self, tokens: Tensor) -> Tensor:
-        return tokens[:, 0]
-
-    def proxy_features(self, tokens: Tensor) -> Tensor:
-        return tokens[:, : self.num_prefix]
-
-    def patch_features(self, tokens: Tensor) -> Tensor:
-        return tokens[:, self.num_prefix:]
-
-    def patch_map(self, tokens: Tensor) -> Tensor:
-        """Patch tokens as a ``[B, D, grid_h, grid_w]`` feature map for dense heads."""
-        patches = self.patch_features(tokens)
-        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *self.grid)
+            x, _ = self.run_block(index, x)
+        return self.norm(x)
