@@ -71,6 +71,27 @@ def test_modules_import_each_other_in_one_direction():
     assert cycles(import_graph()) == []
 
 
+def drawn_layers() -> dict[str, int]:
+    """docs/design.md's drawing: each name's row, counted from the bottom."""
+    text = (REPO / "docs/design.md").read_text()
+    block = text.split("<!-- layers:", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    rows = [line.split("  ")[0].split() for line in block.splitlines() if line.strip()]
+    return {name.rstrip("/"): height for height, row in enumerate(reversed(rows)) for name in row}
+
+
+def upward_imports(graph: dict[str, set[str]], rows: dict[str, int]) -> list[str]:
+    return [f"{source} -> {target}" for source, targets in sorted(graph.items()) for target in sorted(targets)
+            if rows[target] >= rows[source]]
+
+
+def test_imports_point_down_the_drawing_in_the_docs():
+    rows = drawn_layers()
+    graph = import_graph(layer_of)
+    assert set(graph) | {t for targets in graph.values() for t in targets} <= set(rows), "a layer the docs do not draw"
+    assert upward_imports(graph, rows) == []
+    assert upward_imports({"config": {"models"}}, rows) == ["config -> models"]
+
+
 def test_the_walk_finds_a_cycle_when_there_is_one():
     assert cycles({"config": {"models"}, "models": {"config"}}) == [["config", "models", "config"]]
     assert import_graph(layer_of)["train"] >= {"config", "data", "engine"}
