@@ -14,7 +14,7 @@ from smim_dist.config import ConfigError, ModelConfig
 from smim_dist.eval.cli import main
 from smim_dist.eval.data import ADE_CLASSES, IGNORE_INDEX, read_label_map, segmentation_splits
 from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
-from smim_dist.eval.upernet import UperNetRecipe, run_upernet, seg_loss, slide_logits, upernet_optimizer
+from smim_dist.eval.upernet import UperNetOptions, UperNetRecipe, run_upernet, seg_loss, slide_logits, upernet_optimizer
 from smim_dist.eval.upernet_data import normalise
 from smim_dist.models.timm_export import create_timm_encoder
 from smim_dist.models.upernet import UperNet, pyramid_blocks
@@ -108,13 +108,13 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(run_dir, tmp_path):
         if message.startswith("UperNet iteration 3/4"):
             raise Preempted
 
-    recipe = UperNetRecipe(iters=4, batch_size=4, crop_size=32, warmup_iters=1)
-    whole = run_upernet(run_dir, tmp_path / "whole", recipe, save_every=2, log_every=1, log=lambda _: None)
+    options = UperNetOptions(iters=4, batch_size=4, crop_size=32, warmup_iters=1, save_every=2, log_every=1)
+    whole = run_upernet(run_dir, tmp_path / "whole", options, log=lambda _: None)
     with pytest.raises(Preempted):
-        run_upernet(run_dir, tmp_path / "parted", recipe, save_every=2, log_every=1, log=preempt)
+        run_upernet(run_dir, tmp_path / "parted", options, log=preempt)
     assert torch.load(tmp_path / "parted" / "upernet" / "state.pt", weights_only=True)["iteration"] == 2
     messages: list[str] = []
-    parted = run_upernet(run_dir, tmp_path / "parted", recipe, save_every=2, log_every=1, log=messages.append)
+    parted = run_upernet(run_dir, tmp_path / "parted", options, log=messages.append)
     assert "UperNet resumed after iteration 2" in messages[0] and not any("iteration 1/4" in m for m in messages)
     for key in ("miou", "pixel_acc", "per_class_iou"):
         assert parted["protocols"]["upernet"][key] == whole["protocols"]["upernet"][key]

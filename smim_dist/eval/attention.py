@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.eval.attention_plots import render_figures
 from smim_dist.eval.data import centre_crop_loader, eval_splits
 from smim_dist.eval.features import default_device, load_encoder, resolve_eval_run
+from smim_dist.eval.options import option
 from smim_dist.eval.results import checkpoint_header, merge_results, results_folder
 from smim_dist.files import write_atomic
 from smim_dist.vit_sizes import image_grid, vit_size
@@ -175,18 +177,30 @@ def summary(results: dict, out_dir: Path) -> dict:
             "figures": str(out_dir), "seconds": results["seconds"]}
 
 
-def run_attention(checkpoint: Path, out: Path | None = None, layer: int | None = None, images: int = 64,
-                  query: tuple[int, int] | None = None, overrides: Sequence[str] = (),
-                  device: torch.device | None = None, log: Callable[[str], None] = print) -> dict:
-    """Analyse the first ``images`` val images of a run's latest (or a ``checkpoints/<tag>``) checkpoint; write
-    ``attention.json`` and PNGs to ``<out>/attention/`` (``out`` defaults to ``<run_dir>/eval/<tag>``), a summary into
-    ``<out>/results.json`` beside the other protocols', and return the full results. Every input is checked before
-    the model is loaded."""
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The model's last block and centre patch by default, which depend on its size."""
+    layer: int | None = None
+    """0-based block of the attention maps; None: the last"""
+    images: int = 64
+    """val images averaged over"""
+    query: tuple[int, int] | None = option(None, metavar="ROW,COL")
+    """0-based patch whose attention is drawn; None: the centre"""
+
+
+def run_attention(checkpoint: Path, out: Path | None = None, options: AttentionOptions = AttentionOptions(),
+                  overrides: Sequence[str] = (), device: torch.device | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Analyse the first ``options.images`` val images of a run's latest (or a ``checkpoints/<tag>``) checkpoint;
+    write ``attention.json`` and PNGs to ``<out>/attention/`` (``out`` defaults to ``<run_dir>/eval/<tag>``), a
+    summary into ``<out>/results.json`` beside the other protocols', and return the full results. Every input is
+    checked before the model is loaded."""
     start = time.perf_counter()
+    images = options.images
     if images <= 0:
         raise ConfigError(f"--images {images}: the analyses need at least 1 image")
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
-    layer, query = _checked_request(cfg, layer, query)
+    layer, query = _checked_request(cfg, options.layer, options.query)
     val = eval_splits(cfg)[1]
     if images > val.num_samples:
         raise ConfigError(f"--images {images} is more than the {val.num_samples} val images in {val.path}")

@@ -42,6 +42,7 @@ from smim_dist.engine.schedule import cosine_lr
 from smim_dist.eval.data import LabelledSplit, centre_crop_loader
 from smim_dist.eval.features import default_device, rank_and_world, resolve_eval_run
 from smim_dist.eval.finetune_data import finetune_splits, seed_epoch, train_loader, train_transform
+from smim_dist.eval.options import option, recipe_of
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, results_folder,
                                     save_progress, top_k_accuracy)
 from smim_dist.engine.checkpoint import consolidated_state_dict
@@ -76,10 +77,13 @@ class FinetuneRecipe:
     cutmix: float = 1.0
     """cutmix alpha; 0 turns it off (with both on, timm picks one per batch, half the time each)"""
     smoothing: float = 0.1
+    """label smoothing"""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
+    """timm's RandAugment policy"""
+    re_prob: float = option(0.25, flag="--reprob")
     """random-erasing probability"""
-    global_pool: str = "avg"
+    global_pool: str = option("avg", choices=POOLS)
+    """avg: the mean patch token through a new LayerNorm (MAE); token: the [CLS] token"""
 
     @property
     def peak_lr(self) -> float:
@@ -111,9 +115,9 @@ class FinetuneRecipe:
                   "--cutmix": (self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),
                   "--smoothing": (self.smoothing, 0 <= self.smoothing < 1, "in [0, 1)"),
                   "--reprob": (self.re_prob, 0 <= self.re_prob <= 1, "in [0, 1]")}
-        for option, (value, ok, allowed) in ranges.items():
+        for flag, (value, ok, allowed) in ranges.items():
             if not ok:
-                raise ConfigError(f"{option} {value}: must be {allowed}")
+                raise ConfigError(f"{flag} {value}: must be {allowed}")
         if self.global_pool not in POOLS:
             raise ConfigError(f"--global-pool {self.global_pool!r}: choose one of {', '.join(POOLS)}")
 
@@ -196,30 +200,41 @@ def _check_classes(train: LabelledSplit, val: LabelledSplit, num_classes: int | 
     return found
 
 
-def run_finetune(checkpoint: Path, out: Path | None = None, recipe: FinetuneRecipe = FinetuneRecipe(),
-                 num_classes: int | None = None, overrides: Sequence[str] = (), force: bool = False,
-                 device: torch.device | None = None, log: Callable[[str], None] = print,
-                 log_every: int = 50) -> dict | None:
+@dataclass(frozen=True)
+class FinetuneOptions(FinetuneRecipe):
+    """The recipe and how the run reports."""
+    num_classes: int | None = None
+    """checked against the class folders; None: their count"""
+    log_every: int = 50
+    """optimizer steps between loss lines (the loss is read back from the device only then)"""
+    force: bool = False
+    """start over even if results for these settings are stored"""
+
+
+def run_finetune(checkpoint: Path, out: Path | None = None, options: FinetuneOptions = FinetuneOptions(),
+                 overrides: Sequence[str] = (), device: torch.device | None = None,
+                 log: Callable[[str], None] = print) -> dict | None:
     """Fine-tune a run's latest checkpoint (or a ``checkpoints/<tag>`` one) and store the ``finetune`` entry of
     ``results.json`` in ``out`` (default ``<run_dir>/eval/<tag>/``); returns the whole results file. Stored results
-    for the same settings are returned at once, an interrupted run continues, ``force`` starts over. Every input is
-    checked before the model is loaded. In a process group every rank must call it; ranks other than 0 return None.
-    The training loss is read back from the device every ``log_every`` steps only."""
+    for the same settings are returned at once, an interrupted run continues, ``options.force`` starts over. Every
+    input is checked before the model is loaded. In a process group every rank must call it; ranks other than 0 return
+    None."""
     start = time.perf_counter()
+    recipe, log_every = recipe_of(options, FinetuneRecipe), options.log_every
     rank, world_size = rank_and_world()
     recipe.check(world_size)
     if log_every < 1:
         raise ConfigError(f"--log-every {log_every}: log the loss every 1 or more steps")
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
     train, val = finetune_splits(cfg)
-    num_classes = _check_classes(train, val, num_classes, recipe, world_size)
+    num_classes = _check_classes(train, val, options.num_classes, recipe, world_size)
     transform = train_transform(cfg.model.img_size, recipe.auto_augment, recipe.re_prob)
     say = log if rank == 0 else (lambda _: None)
     folder = results_folder(checkpoint, out)
     settings = {**asdict(recipe), "lr": recipe.peak_lr, "num_classes": num_classes, "img_size": cfg.model.img_size,
                 "seed": cfg.seed, "train_data": str(train.path.resolve()), "val_data": str(val.path.resolve())}
     previous, state_file, state_key, resume = prior_work(folder, "finetune", "fine-tuning", FINETUNE_DIR,
-                                                         checkpoint.name, settings, ("top1",), force, say)
+                                                         checkpoint.name, settings, ("top1",), options.force, say)
     if previous is not None:
         return previous
 

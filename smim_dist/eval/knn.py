@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from smim_dist.config import Config, ConfigError
 from smim_dist.eval.data import LabelledSplit, centre_crop_loader, eval_splits
 from smim_dist.eval.features import (FEATURES, default_device, extract_features, load_encoder, rank_and_world,
                                      resolve_eval_run)
+from smim_dist.eval.options import option
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, previous_results,
                                     results_folder, top_k_accuracy)
 
@@ -77,15 +79,31 @@ def _accuracies(checkpoint: Path, cfg: Config, splits: tuple[LabelledSplit, Labe
             for kind in kinds}
 
 
-def run_knn(checkpoint: Path, out: Path | None = None, k: int = 20, temperature: float = 0.07,
-            feature: str = "both", overrides: Sequence[str] = (), force: bool = False, batch_size: int = 128,
-            device: torch.device | None = None, log: Callable[[str], None] = print) -> dict:
+@dataclass(frozen=True)
+class KnnOptions:
+    """DINO's protocol by default."""
+    feature: str = option("both", choices=(*FEATURES, "both"))
+    """cls: the [CLS] token; patch: the mean patch token; both: each, reported side by side"""
+    k: int = 20
+    """neighbours that vote"""
+    temperature: float = 0.07
+    """T of the vote weight exp(similarity / T)"""
+    batch_size: int = 128
+    """images per forward pass"""
+    force: bool = False
+    """start over, recomputing, even if results for these settings are stored"""
+
+
+def run_knn(checkpoint: Path, out: Path | None = None, options: KnnOptions = KnnOptions(),
+            overrides: Sequence[str] = (), device: torch.device | None = None,
+            log: Callable[[str], None] = print) -> dict:
     """Evaluate a run's latest checkpoint (or a ``checkpoints/<tag>`` one) and store the ``knn`` entry of
     ``results.json`` in ``out`` (default ``<run_dir>/eval/<tag>/``); returns the whole results file. An entry already
-    stored for the same checkpoint, settings and data is returned without recomputing unless ``force``. Every input
-    is checked before the model is loaded. In a process group every rank must call it; rank 0 writes and logs."""
+    stored for the same checkpoint, settings and data is returned without recomputing unless ``options.force``. Every
+    input is checked before the model is loaded. In a process group every rank must call it; rank 0 writes and logs."""
     start = time.perf_counter()
-    kinds = _check_settings(k, temperature, feature, batch_size)
+    k, temperature = options.k, options.temperature
+    kinds = _check_settings(k, temperature, options.feature, options.batch_size)
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
     train, val = eval_splits(cfg)
     if k > train.num_samples:
@@ -95,12 +113,12 @@ def run_knn(checkpoint: Path, out: Path | None = None, k: int = 20, temperature:
     folder = results_folder(checkpoint, out)
     settings = {"k": k, "temperature": temperature, "train_data": str(train.path.resolve()),
                 "val_data": str(val.path.resolve())}
-    previous = None if force else previous_results(folder, "knn", checkpoint.name, settings, kinds)
+    previous = None if options.force else previous_results(folder, "knn", checkpoint.name, settings, kinds)
     if previous is not None:
         say(f"kNN results for {checkpoint} are already in {folder / RESULTS_FILE}; nothing to do (--force recomputes)")
         return previous
 
-    accuracies = _accuracies(checkpoint, cfg, (train, val), kinds, k, temperature, batch_size,
+    accuracies = _accuracies(checkpoint, cfg, (train, val), kinds, k, temperature, options.batch_size,
                              device or default_device(), say)
     header = checkpoint_header(checkpoint)
     entry: dict[str, Any] = {**settings, **accuracies, "train_samples": train.num_samples,

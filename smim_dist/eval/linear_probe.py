@@ -30,6 +30,7 @@ from smim_dist.engine.schedule import cosine_lr
 from smim_dist.eval.data import LabelledSplit, centre_crop_loader, eval_splits
 from smim_dist.eval.features import (FEATURES, check_block, default_device, extract_features, load_encoder,
                                      rank_and_world, resolve_eval_run)
+from smim_dist.eval.options import recipe_of
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
                                     replace_atomically, results_folder, save_progress, top_k_accuracy)
 
@@ -42,6 +43,7 @@ class ProbeRecipe:
     epochs: int = 90
     warmup_epochs: int = 10
     batch_size: int = 1024
+    """cached features per head step"""
     lr: float | None = None
     """peak learning rate; None: 0.1 * batch_size / 256 (the linear scaling rule)"""
 
@@ -149,18 +151,30 @@ def _cached_features(checkpoint: Path, cfg: Config, splits: Sequence[LabelledSpl
     return cast(list[dict[str, Tensor]], features)
 
 
-def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, recipe: ProbeRecipe = ProbeRecipe(),
-                     overrides: Sequence[str] = (), force: bool = False, encode_batch_size: int = 128,
-                     device: torch.device | None = None, log: Callable[[str], None] = print) -> dict | None:
+@dataclass(frozen=True)
+class LinearOptions(ProbeRecipe):
+    """The recipe, and what it reads and how: the paper probes block 7 of ViT-B's 12."""
+    block: int = 7
+    """1-based block whose output is probed"""
+    encode_batch_size: int = 128
+    """images per forward pass"""
+    force: bool = False
+    """start over, re-encoding too, even if results for these settings are stored"""
+
+
+def run_linear_probe(checkpoint: Path, out: Path | None = None, options: LinearOptions = LinearOptions(),
+                     overrides: Sequence[str] = (), device: torch.device | None = None,
+                     log: Callable[[str], None] = print) -> dict | None:
     """Probe a run's latest checkpoint (or a ``checkpoints/<tag>`` one) and store the ``linear`` entry of
     ``results.json`` in ``out`` (default ``<run_dir>/eval/<tag>/``); returns the whole results file. An entry stored
-    for the same checkpoint, settings and data is returned at once, an interrupted probe continues, and ``force``
-    starts over (re-encoding too). Every input is checked before the model is loaded. In a process group every rank
-    must call it; ranks other than 0 return None once their share is encoded."""
+    for the same checkpoint, settings and data is returned at once, an interrupted probe continues, and
+    ``options.force`` starts over (re-encoding too). Every input is checked before the model is loaded. In a process
+    group every rank must call it; ranks other than 0 return None once their share is encoded."""
     start = time.perf_counter()
+    recipe, block, force = recipe_of(options, ProbeRecipe), options.block, options.force
     recipe.check()
-    if encode_batch_size < 1:
-        raise ConfigError(f"--encode-batch-size {encode_batch_size}: a batch needs at least 1 image")
+    if options.encode_batch_size < 1:
+        raise ConfigError(f"--encode-batch-size {options.encode_batch_size}: a batch needs at least 1 image")
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
     check_block(block, cfg)
     train, val = eval_splits(cfg)
@@ -177,8 +191,8 @@ def run_linear_probe(checkpoint: Path, out: Path | None = None, block: int = 7, 
         return previous
 
     device = device or default_device()
-    features = _cached_features(checkpoint, cfg, (train, val), block, folder, encode_batch_size, device, not force,
-                                say)
+    features = _cached_features(checkpoint, cfg, (train, val), block, folder, options.encode_batch_size, device,
+                                not force, say)
     if rank != 0:
         return None
     train_x, val_x = ({kind: values.to(device) for kind, values in split.items()} for split in features)

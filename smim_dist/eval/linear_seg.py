@@ -31,6 +31,7 @@ from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.data.pretrain_loader import prepare_demo_data
 from smim_dist.eval.data import IGNORE_INDEX, SegmentationSplit, label_maps, segmentation_splits, whole_image_loader
 from smim_dist.eval.features import check_block, default_device, rank_and_world, resolve_eval_run
+from smim_dist.eval.options import recipe_of
 from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
                                     replace_atomically, results_folder, save_progress)
@@ -46,7 +47,9 @@ class SegRecipe:
     epochs: int = 25
     batch_size: int = 16
     lr: float = 0.01
+    """SGD learning rate, a tenth of it from two thirds of the epochs on"""
     img_size: int = 448
+    """input side in pixels (the position embedding is resampled to it)"""
     label_size: int = 100
     """side of the label maps the loss and the scores are computed at"""
 
@@ -149,27 +152,42 @@ def encode_maps(encoder: VisionTransformer, split: SegmentationSplit, block: int
     return torch.cat(parts)
 
 
-def run_linear_seg(checkpoint: Path, out: Path | None = None, block: int = 6, recipe: SegRecipe = SegRecipe(),
-                   data: Path | None = None, num_classes: int | None = None, overrides: Sequence[str] = (),
-                   force: bool = False, encode_batch_size: int = 16, device: torch.device | None = None,
+@dataclasses.dataclass(frozen=True)
+class SegOptions(SegRecipe):
+    """The recipe, and what it reads and how: the paper reads block 6 of ViT-B's 12."""
+    data: str | None = None
+    """a PascalVOC tree (VOCdevkit/VOC2012) or a demo set; None: the run's demo set"""
+    num_classes: int | None = None
+    """classes, ignore index 255 aside; None: those of the data (VOC 21, demo 7)"""
+    block: int = 6
+    """1-based block whose feature map is read"""
+    encode_batch_size: int = 16
+    """images per forward pass"""
+    force: bool = False
+    """start over, re-encoding too, even if results for these settings are stored"""
+
+
+def run_linear_seg(checkpoint: Path, out: Path | None = None, options: SegOptions = SegOptions(),
+                   overrides: Sequence[str] = (), device: torch.device | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """Segment with a linear head on a run's latest (or a ``checkpoints/<tag>``) checkpoint and store the ``seg``
-    entry of ``results.json`` in ``out`` (default ``<run_dir>/eval/<tag>/``); returns the whole results file. ``data``
-    is a PascalVOC tree or a demo set (default: the run's demo set). Every input, label maps included, is checked
-    before the model is loaded; stored results for the same settings are returned at once, ``force`` starts over."""
+    entry of ``results.json`` in ``out`` (default ``<run_dir>/eval/<tag>/``); returns the whole results file. Every
+    input, label maps included, is checked before the model is loaded; stored results for the same settings are
+    returned at once, ``options.force`` starts over."""
     start = time.perf_counter()
+    recipe, block, data, force = recipe_of(options, SegRecipe), options.block, options.data, options.force
     if rank_and_world()[1] > 1:
         raise ConfigError("linear segmentation runs in one process; start it without torchrun")
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
     check_block(block, cfg)
     recipe.check(cfg.model.patch_size)
-    if encode_batch_size < 1:
-        raise ConfigError(f"--encode-batch-size {encode_batch_size}: a batch needs at least 1 image")
+    if options.encode_batch_size < 1:
+        raise ConfigError(f"--encode-batch-size {options.encode_batch_size}: a batch needs at least 1 image")
     if data is None and not cfg.data.demo:
         raise ConfigError("the run's data is not the demo set; pass --data with a PascalVOC tree (VOCdevkit/VOC2012)")
     root = Path(data) if data is not None else prepare_demo_data(cfg)
     train, val, found_classes = segmentation_splits(root)
-    num_classes = num_classes or found_classes
+    num_classes = options.num_classes or found_classes
     if num_classes < 2:
         raise ConfigError(f"--num-classes {num_classes}: segmentation needs at least 2 classes")
     train_y, val_y = (label_maps(split, recipe.label_size, num_classes) for split in (train, val))
@@ -182,8 +200,8 @@ def run_linear_seg(checkpoint: Path, out: Path | None = None, block: int = 6, re
         return previous
 
     device = device or default_device()
-    train_x, val_x = _cached_maps(checkpoint, cfg, (train, val), block, recipe.img_size, folder, encode_batch_size,
-                                  device, not force, log)
+    train_x, val_x = _cached_maps(checkpoint, cfg, (train, val), block, recipe.img_size, folder,
+                                  options.encode_batch_size, device, not force, log)
     if resume is not None:
         log(f"linear segmentation resumed after epoch {resume['epoch']} from {state_file}")
 

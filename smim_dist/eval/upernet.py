@@ -41,6 +41,7 @@ from smim_dist.config import Config, ConfigError
 from smim_dist.data.pretrain_loader import prepare_demo_data
 from smim_dist.eval.data import IGNORE_INDEX, SegmentationSplit, segmentation_splits
 from smim_dist.eval.features import default_device, rank_and_world, resolve_eval_run
+from smim_dist.eval.options import recipe_of
 from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.upernet_data import TrainCrops, ValImages, check_label_ids, epoch_items, normalise
 from smim_dist.eval.results import (METRICS_FILE, RESULTS_FILE, checkpoint_header, merge_results, prior_work,
@@ -62,11 +63,14 @@ class UperNetRecipe:
     """crops per iteration over all ranks"""
     crop_size: int = 640
     lr: float = 1e-4
+    """peak AdamW learning rate, the decoder's"""
     layer_decay: float = 0.65
+    """lr factor per encoder block towards the input"""
     weight_decay: float = 0.05
     warmup_iters: int = 1500
     drop_path: float = 0.1
     aux_weight: float = 0.4
+    """weight of the auxiliary FCN head's loss"""
 
     def lr_at(self, iteration: int) -> float:
         """Linear warmup from 0, then poly (power 1) decay to 0 at ``iters``."""
@@ -194,18 +198,34 @@ def _metrics_until(file: Path, iteration: int) -> None:
         replace_atomically(file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
-def run_upernet(checkpoint: Path, out: Path | None = None, recipe: UperNetRecipe = UperNetRecipe(),
-                data: Path | None = None, num_classes: int | None = None, overrides: Sequence[str] = (),
-                force: bool = False, eval_every: int = 0, save_every: int = 1000, log_every: int = 50,
-                device: torch.device | None = None, log: Callable[[str], None] = print) -> dict | None:
+@dataclasses.dataclass(frozen=True)
+class UperNetOptions(UperNetRecipe):
+    """The recipe, what it reads, and how the run reports and saves."""
+    data: str | None = None
+    """an ADE20K tree (ADEChallengeData2016), a PascalVOC tree or a demo set; None: the run's demo set"""
+    num_classes: int | None = None
+    """classes, ignore index 255 aside; None: those of the data (ADE20K 150, VOC 21, demo 7)"""
+    eval_every: int = 0
+    """also score val every N iterations; 0: at the end only"""
+    save_every: int = 1000
+    """iterations between saved states, where a rerun continues"""
+    log_every: int = 50
+    """iterations between loss records"""
+    force: bool = False
+    """start over even if results for these settings are stored"""
+
+
+def run_upernet(checkpoint: Path, out: Path | None = None, options: UperNetOptions = UperNetOptions(),
+                overrides: Sequence[str] = (), device: torch.device | None = None,
+                log: Callable[[str], None] = print) -> dict | None:
     """Fine-tune UperNet on a run's latest (or a ``checkpoints/<tag>``) checkpoint and store the ``upernet`` entry of
     ``results.json`` in ``out`` (default ``<run_dir>/eval/<tag>/``); returns the whole results file (None on ranks
-    other than 0). ``data`` is an ADE20K or PascalVOC tree or a demo set (default: the run's demo set). Every input,
-    the class ids of every label map included, is checked before the model is loaded; stored results for the same
-    settings are returned at once, an interrupted run continues from its last saved state, ``force`` starts over.
-    The loss is logged every ``log_every`` iterations and val is scored every ``eval_every`` (0: only at the end),
-    both to ``upernet/metrics.jsonl``."""
+    other than 0). Every input, the class ids of every label map included, is checked before the model is loaded;
+    stored results for the same settings are returned at once, an interrupted run continues from its last saved
+    state, ``options.force`` starts over. Loss records and val scores go to ``upernet/metrics.jsonl``."""
     start = time.perf_counter()
+    recipe, data = recipe_of(options, UperNetRecipe), options.data
+    eval_every, save_every, log_every = options.eval_every, options.save_every, options.log_every
     checkpoint, cfg = resolve_eval_run(Path(checkpoint), overrides)
     rank, world_size = rank_and_world()
     device = device or default_device()
@@ -219,7 +239,7 @@ def run_upernet(checkpoint: Path, out: Path | None = None, recipe: UperNetRecipe
                           "or a PascalVOC tree (VOCdevkit/VOC2012)")
     root = Path(data) if data is not None else prepare_demo_data(cfg)
     train, val, found_classes = segmentation_splits(root)
-    num_classes = num_classes or found_classes
+    num_classes = options.num_classes or found_classes
     if num_classes < 2:
         raise ConfigError(f"--num-classes {num_classes}: segmentation needs at least 2 classes")
     if len(train.pairs) < recipe.batch_size:
@@ -230,7 +250,7 @@ def run_upernet(checkpoint: Path, out: Path | None = None, recipe: UperNetRecipe
     settings = {**dataclasses.asdict(recipe), "num_classes": num_classes, "seed": cfg.seed,
                 "data": str(root.resolve())}
     previous, state_file, state_key, resume = prior_work(folder, "upernet", "UperNet fine-tuning", UPERNET_DIR,
-                                                         checkpoint.name, settings, ("miou",), force, say)
+                                                         checkpoint.name, settings, ("miou",), options.force, say)
     if previous is not None:
         return previous
     check_label_ids((train, val), num_classes)
