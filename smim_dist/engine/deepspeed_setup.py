@@ -52,8 +52,8 @@ default)"""
 
 def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
     """bf16 runs without DeepSpeed's per-gradient overflow checks: bf16 has fp32's range, and the loop's non-finite
-    guard already skips the update of every step with a non-finite loss on any rank. On an H200 those checks (six small
-    kernels per parameter tensor and a host read) made a ViT-B/16 step 40% longer; see bench/README.md. Where the fused
+    guard already skips the update of every step with a non-finite loss on any rank, and those checks cost six small
+    kernels per parameter tensor and a host read every step (measured in bench/README.md). Where the fused
     AdamW takes the gradient norm (``norm_inside_adamw``), DeepSpeed neither clips nor computes it.
 
     ZeRO 1-3 allocate their gradient reduction bucket at ``reduce_bucket_size`` elements whatever the model's size:
@@ -88,8 +88,8 @@ def deepspeed_config(cfg: Config, world_size: int, num_params: int) -> dict:
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.device):
-    """Wrap the model in a DeepSpeed engine with torch's fused AdamW (one kernel over all tensors, CPU and GPU: 7.7x
-    the default per-tensor loop on a ViT-S CPU step, bench/README.md); the LR is set per step by the loop."""
+    """Wrap the model in a DeepSpeed engine with torch's fused AdamW (one kernel over all tensors, on CPUs and
+    GPUs, rather than a loop over them; bench/README.md compares the two); the LR is set per step by the loop."""
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.decayed_tokens)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=True)
