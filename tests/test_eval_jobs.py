@@ -10,6 +10,7 @@ import pytest
 from conftest import losses, tiny_overrides, train_cli, wandb_offline_history
 from smim_dist.config import ConfigError, load_config
 from smim_dist.eval.jobs import pending_evals, submit_eval, wandb_metrics
+from smim_dist.preflight import refuse_missing_files
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
@@ -79,4 +80,4 @@ def test_eval_protocols_are_checked_when_the_config_loads(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_config(TINY_CONFIG, [f"eval.protocols={value}"])
     with pytest.raises(ConfigError, match="eval.config_dir=.*no such folder"):
-        load_config(TINY_CONFIG, [f"eval.config_dir={tmp_path / 'missing'}"])
+        refuse_missing_files(load_config(TINY_CONFIG, [f"eval.config_dir={tmp_path / 'missing'}"]))

@@ -41,12 +41,13 @@ from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.eval.data import LabelledSplit, centre_crop_loader
 from smim_dist.eval.features import default_device, rank_and_world, resolve_eval_run
-from smim_dist.eval.finetune_data import finetune_splits, seed_epoch, train_loader, train_transform
+from smim_dist.eval.finetune_data import finetune_splits, train_loader, train_transform
 from smim_dist.eval.options import option, recipe_of
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, results_folder,
                                     save_progress, top_k_accuracy)
 from smim_dist.engine.checkpoint import consolidated_state_dict
 from smim_dist.models.timm_export import encoder_state_dict, timm_kwargs, timm_model_name
+from smim_dist.seeding import reseed
 
 FINETUNE_DIR = "finetune"
 BETAS = (0.9, 0.999)
@@ -259,7 +260,7 @@ def run_finetune(checkpoint: Path, out: Path | None = None, options: FinetuneOpt
         f"peak lr {recipe.peak_lr:g}")
     for epoch in range(first_epoch, recipe.epochs):
         began = time.perf_counter()
-        seed_epoch(cfg.seed, epoch, rank)
+        reseed(cfg.seed, epoch, rank)
         loader = train_loader(train, transform, micro_batch, cfg.seed, epoch, rank, world_size, cfg.data.num_workers)
         batches = iter(islice(loader, steps * recipe.accum_steps))
         trained.train()

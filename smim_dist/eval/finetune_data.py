@@ -8,11 +8,9 @@ so it reads image trees (the demo set included: it is stored as trees beside its
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable
 from functools import partial
 
-import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -23,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from smim_dist.eval.data import LabelledSplit, eval_splits
+from smim_dist.seeding import reseed
 
 
 def finetune_splits(cfg: Config) -> tuple[LabelledSplit, LabelledSplit]:
@@ -74,24 +73,16 @@ class _TrainImages(Dataset):
             return self.transform(image.convert("RGB")), int(self.split.labels[index])
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (augmentation, mixup / cutmix, drop path) from (seed, epoch,
-    rank): a resumed run draws in each epoch what an uninterrupted one draws, and ranks draw differently."""
-    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
 def _seed_worker(rank: int, worker: int) -> None:
     """torch gives a loader's workers the same seeds on every rank; mix the rank in, so ranks augment differently."""
-    seed_epoch(torch.initial_seed() % 2**32, worker, rank)
+    reseed(torch.initial_seed() % 2**32, worker, rank)
 
 
 def train_loader(split: LabelledSplit, transform: Callable[[Image.Image], Tensor], batch_size: int, seed: int,
                  epoch: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
     """Rank ``rank``'s batches of ``batch_size`` augmented images and labels for ``epoch``: a seeded shuffle split
-    into equal shares, partial batches dropped. Call after ``seed_epoch``, which seeds the workers too."""
+    into equal shares, partial batches dropped. Call after ``reseed(seed, epoch, rank)``, which
+    seeds the workers too."""
     sampler: DistributedSampler = DistributedSampler(_TrainImages(split, transform), num_replicas=world_size,
                                                      rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)

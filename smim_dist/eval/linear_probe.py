@@ -32,7 +32,8 @@ from smim_dist.eval.features import (FEATURES, check_block, default_device, extr
                                      rank_and_world, resolve_eval_run)
 from smim_dist.eval.options import recipe_of
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
-                                    replace_atomically, results_folder, save_progress, top_k_accuracy)
+                                    results_folder, save_progress, top_k_accuracy)
+from smim_dist.files import replace_atomically
 
 PROBE_DIR = "linear"
 

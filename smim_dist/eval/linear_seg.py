@@ -34,7 +34,8 @@ from smim_dist.eval.features import check_block, default_device, rank_and_world,
 from smim_dist.eval.options import recipe_of
 from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.results import (RESULTS_FILE, checkpoint_header, merge_results, prior_work, read_cache,
-                                    replace_atomically, results_folder, save_progress)
+                                    results_folder, save_progress)
+from smim_dist.files import replace_atomically
 from smim_dist.engine.checkpoint import consolidated_state_dict
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict
 

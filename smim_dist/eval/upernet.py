@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -45,7 +44,9 @@ from smim_dist.eval.options import recipe_of
 from smim_dist.eval.seg_metrics import confusion_matrix, segmentation_scores
 from smim_dist.eval.upernet_data import TrainCrops, ValImages, check_label_ids, epoch_items, normalise
 from smim_dist.eval.results import (METRICS_FILE, RESULTS_FILE, checkpoint_header, merge_results, prior_work,
-                                    replace_atomically, results_folder)
+                                    results_folder)
+from smim_dist.seeding import reseed
+from smim_dist.files import replace_atomically
 from smim_dist.engine.checkpoint import consolidated_state_dict
 from smim_dist.models.timm_export import encoder_state_dict, timm_kwargs, timm_model_name
 from smim_dist.models.upernet import UperNet
@@ -181,10 +182,6 @@ def evaluate_upernet(model: UperNet, split: SegmentationSplit, crop: int, num_cl
     return segmentation_scores(confusion.cpu())
 
 
-def _step_seed(seed: int, rank: int, iteration: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
-
-
 def _record(file: Path, entry: dict) -> None:
     with file.open("a") as handle:
         handle.write(json.dumps(entry) + "\n")
@@ -283,7 +280,7 @@ def run_upernet(checkpoint: Path, out: Path | None = None, options: UperNetOptio
             lr = recipe.lr_at(iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            torch.manual_seed(_step_seed(cfg.seed, rank, iteration))  # dropout and drop path
+            reseed(cfg.seed, rank, iteration)  # dropout and drop path
             loss = seg_loss(trained, normalise(images.to(device, non_blocking=True)),
                             labels.to(device, non_blocking=True), recipe.aux_weight)
             optimizer.zero_grad(set_to_none=True)
