@@ -1,4 +1,5 @@
-"""Run metrics to ``metrics.jsonl``, wandb (offline by default) and a progress bar, all from rank 0 only.
+"""Run metrics to ``metrics.jsonl``, wandb (offline by default) and a progress bar, all from rank 0 only; messages
+through the standard ``logging`` module (logger ``smim_dist``), timestamped on stderr and kept clear of the bar.
 
 ``metrics.jsonl`` is the record of truth (one JSON object per line, appended and flushed, so a preempted run loses at
 most the line being written); wandb mirrors it and resumes the same wandb run after a restart, through the id kept
@@ -8,6 +9,7 @@ in the run directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import wandb
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from smim_dist.config import Config, ConfigError
 from smim_dist.files import write_atomic
 
 WANDB_ID_FILE = "wandb_run_id"
+LOG = logging.getLogger("smim_dist")
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -66,6 +70,11 @@ class RunLogger:
         self.bar = None
         if not is_main:
             return
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        LOG.addHandler(self.handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
         keep_rows_up_to(self.metrics_path, start_step)
         self.metrics_file = self.metrics_path.open("a", buffering=1)
         if cfg.log.wandb_mode != "disabled":
@@ -78,19 +87,16 @@ class RunLogger:
             interactive = sys.stderr.isatty()
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                             smoothing=0.05, mininterval=0.5 if interactive else 60.0)
+            self.redirect = logging_redirect_tqdm([LOG])
+            self.redirect.__enter__()
 
     @property
     def wandb_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def info(self, message: str) -> None:
-        if not self.is_main:
-            return
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        if self.is_main:
+            LOG.info(message)
 
     def advance(self, steps: int, **postfix: float) -> None:
         if self.bar is not None:
@@ -110,7 +116,9 @@ class RunLogger:
         if not self.is_main:
             return
         if self.bar is not None:
+            self.redirect.__exit__(None, None, None)
             self.bar.close()
+        LOG.removeHandler(self.handler)
         self.metrics_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
