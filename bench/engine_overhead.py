@@ -9,9 +9,10 @@
     python bench/engine_overhead.py --stages 1 2 --compare-overlap-comm           # and with engine.overlap_comm
     python bench/engine_overhead.py --precision fp32 --stages 0 1     # fp32 weights and compute throughout
 
-Each row is one step (forward, loss, backward, optimizer step) of the same proxy model on the same batch: plain torch
-(weights in ``--precision``, gradient clipping, fused AdamW) and the engine ``smim-train`` builds (its DeepSpeed config,
-fused AdamW, clipping inside AdamW where ``smim-train`` puts it there), per ZeRO stage. torch.profiler counts the
+Each row is the training loop's step (``smim_dist.engine.train_step``: pixel targets, forward, loss, backward, optimizer
+step) of the same proxy model on the same batch: plain torch (weights in ``--precision``, gradient clipping, fused
+AdamW) and the engine ``smim-train`` builds (its DeepSpeed config, fused AdamW, clipping inside AdamW where
+``smim-train`` puts it there), per ZeRO stage. torch.profiler counts the
 ATen operators a step runs (on a GPU most launch a kernel, so they are what the host must issue) and the host reads
 (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``). On a GPU a read of a device tensor stalls the host
 until the device is done; on a CPU reads cost nothing, and some (torch's CPU AdamW reading its step count)
@@ -32,10 +33,9 @@ from torch.profiler import ProfilerActivity, profile
 from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import clip_inside_adamw, deepspeed_config, norm_inside_adamw, param_groups
 from smim_dist.engine.distributed import init_distributed
-from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.engine.train_step import PlainEngine, train_step
 from smim_dist.models.mim import MIMModel
-from smim_dist.targets.pixels import PixelTarget
-from step import make_batch, synchronize
+from step import build_target, make_batch, synchronize
 
 
 def read_sources(prof) -> collections.Counter:
@@ -103,26 +103,18 @@ def main() -> None:
     args.mask_ratio = 0.6
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     device = init_distributed().device
-    target = PixelTarget(args.patch).to(device)
-    images, _, mask = make_batch(args, device)
-    targets = gather_masked(target(images), mask.masked)
+    target = build_target("pixels", args.patch, device)
+    batch = make_batch(args, device)
     model_cfg = ModelConfig(size=args.size, img_size=args.img, patch_size=args.patch, drop_path=0.0)
     torch.manual_seed(0)
     base = MIMModel(model_cfg, target.out_dim)
 
     plain = copy.deepcopy(base).to(device, dtype)
-    optimizer = torch.optim.AdamW(plain.parameters(), fused=True)
-
-    def plain_step() -> None:
-        loss = mim_loss(plain(images.to(dtype), mask), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), 3.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    plain_engine = PlainEngine(plain, torch.optim.AdamW(plain.parameters(), fused=True), clip_grad=3.0)
     rows = {}
     label = f"plain torch, {args.precision}"
-    rows[label] = count_ops(plain_step, args.steps, device, label if args.show_reads else None)
+    rows[label] = count_ops(lambda: train_step(plain_engine, target, batch, dtype), args.steps, device,
+                            label if args.show_reads else None)
 
     def variants(stage: int) -> list[tuple[int, bool, bool]]:
         """(stage, contiguous gradients, overlap_comm): smim-train's setting first, then the comparisons asked for."""
@@ -155,16 +147,11 @@ def main() -> None:
         if norm_inside_adamw(cfg) and not args.torch_autocast:
             clip_inside_adamw(engine, cfg.optim.clip_grad)
         input_dtype = torch.float32 if args.torch_autocast else dtype
-
-        def engine_step(engine=engine) -> None:
-            loss = mim_loss(engine(images.to(input_dtype), mask), targets)
-            engine.backward(loss)
-            engine.step()
-
         mode = "torch_autocast" if args.torch_autocast else args.precision
         label = (f"DeepSpeed {mode}, ZeRO {stage}" + ("" if contiguous else ", no contiguous gradients")
                  + (", overlap_comm" if overlap_comm else ""))
-        rows[label] = count_ops(engine_step, args.steps, device, label if args.show_reads else None)
+        rows[label] = count_ops(lambda: train_step(engine, target, batch, input_dtype), args.steps, device,
+                                label if args.show_reads else None)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     checks = "on" if args.check_grad_overflow else "off (as smim-train runs)"
     print(f"ViT-{args.size}/{args.patch} proxy at {args.img} px, batch {args.batch}, on {machine}"

@@ -6,12 +6,13 @@
 1. One ViT-B/16 proxy model (MaskFeat target) is wrapped twice from the same weights, in a bf16 and in an fp32
    DeepSpeed engine, exactly as ``smim-train`` builds them. On one batch both compute the loss, take one optimizer
    step and compute the loss again; each bf16 loss must be finite and within ``--tolerance`` (relative) of fp32's.
-2. The bf16 engine then trains ``--steps`` steps at ``--batch`` the way the training loop does (targets, forward,
-   loss, ``engine.backward``, ``engine.step``): images/s and MFU of the product path, DeepSpeed's overheads included,
-   next to the same engine with ``engine.compile`` (the lever for the MFU goal: plain torch gained a third from
-   compiling), with ``engine.overlap_comm`` (one GPU has nothing to overlap, so that row prices its synchronisation at
-   the end of each backward) and the same model stepped by plain torch (bf16 autocast, fused AdamW), all in this
-   process; then the whole training loop
+2. The bf16 engine then trains ``--steps`` steps at ``--batch`` with the training loop's step
+   (``smim_dist.engine.train_step``: targets, forward, loss, ``engine.backward``, ``engine.step``): images/s and MFU of
+   the product path, DeepSpeed's overheads included, next to the same engine with ``engine.compile`` (the lever for
+   the MFU goal: plain torch gained a third from compiling), with ``engine.overlap_comm`` (one GPU has nothing to
+   overlap, so that row prices its synchronisation at the end of each backward) and the same step of the same model
+   by plain torch (bf16 weights as the engine's, fused AdamW on them, no fp32 master copy), all in this process; then
+   the whole training loop
    (``EpochRunner.run_epoch`` on uint8 loader batches: normalisation, targets, the non-finite guard, metrics, a host
    read every ``engine.check_every_steps``) around the same bf16 engine, to show what the loop adds to the engine,
    and every host synchronisation in its steps by source line (``torch.cuda.set_sync_debug_mode``), and the top
@@ -41,13 +42,12 @@ from smim_dist.engine.deepspeed_setup import build_engine, set_lr
 from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import TrainState
 from smim_dist.engine.step_profiler import StepProfiler
-from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.engine.train_step import forward_loss, train_step
 from smim_dist.models.flops import forward_flops
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.dalle import DalleEncoder, map_pixels
-from smim_dist.targets.hog import HOGTarget
 from scaling import build_runner, make_config, synthetic_batch, time_steps
-from step import StepRunner, make_batch, peak_tflops, timed
+from step import StepRunner, build_target, make_batch, peak_tflops, timed
 
 
 def engine_config(args, precision: str, batch: int) -> Config:
@@ -58,32 +58,24 @@ def engine_config(args, precision: str, batch: int) -> Config:
     return cfg
 
 
-def train_step(engine, images, mask, targets, dtype) -> torch.Tensor:
-    loss = mim_loss(engine(images.to(dtype), mask), targets)
-    engine.backward(loss)
-    engine.step()
-    return loss.detach()
-
-
 def check_bf16_matches_fp32(args, device, target) -> bool:
     torch.manual_seed(0)
     model = MIMModel(engine_config(args, "fp32", args.check_batch).model, target.out_dim)
     args_small = argparse.Namespace(**{**vars(args), "batch": args.check_batch})
-    images, _, mask = make_batch(args_small, device)
-    targets = gather_masked(target(images), mask.masked)
+    batch = make_batch(args_small, device)
     losses = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         engine = build_engine(engine_config(args, precision, args.check_batch), copy.deepcopy(model).to(device), 1,
                               device)
         engine.eval()
         with torch.no_grad():
-            before = mim_loss(engine(images.to(dtype), mask), targets)
+            before = forward_loss(engine, target, batch, dtype)[0]
         engine.train()
         set_lr(engine, 1e-3)
-        train_step(engine, images, mask, targets, dtype)
+        train_step(engine, target, batch, dtype)
         engine.eval()
         with torch.no_grad():
-            after = mim_loss(engine(images.to(dtype), mask), targets)
+            after = forward_loss(engine, target, batch, dtype)[0]
         losses[precision] = (float(before), float(after))
         del engine
     ok = True
@@ -102,7 +94,7 @@ def time_engine(args, dist_info, target, peak: float) -> bool:
     device = dist_info.device
     torch.manual_seed(0)
     cfg = engine_config(args, "bf16", args.batch)
-    images, views, mask = make_batch(args, device)
+    batch = make_batch(args, device)
 
     def engine_step(engine_setting: str | None):
         """A step of the bf16 engine ``smim-train`` builds, with one ``engine.*`` switch turned on."""
@@ -110,14 +102,13 @@ def time_engine(args, dist_info, target, peak: float) -> bool:
         if engine_setting:
             setattr(variant.engine, engine_setting, True)
         engine = build_engine(variant, MIMModel(cfg.model, target.out_dim).to(device), 1, device)
-        return lambda: train_step(engine, images, mask, gather_masked(target(images), mask.masked), torch.bfloat16)
+        return lambda: train_step(engine, target, batch, torch.bfloat16)
 
-    plain = StepRunner(cfg.model, target, "maskfeat", target.out_dim,
-                       argparse.Namespace(dtype="bf16", host_sync=False, compile=False), device)
+    plain = StepRunner(cfg.model, target, argparse.Namespace(dtype="bf16", host_sync=False, compile=False), device)
     steps = {"DeepSpeed bf16 engine (ZeRO 1)": engine_step(None),
              "DeepSpeed bf16 engine (ZeRO 1), engine.compile": engine_step("compile"),
              "DeepSpeed bf16 engine (ZeRO 1), engine.overlap_comm": engine_step("overlap_comm"),
-             "plain torch, bf16 autocast": lambda: plain.step(images, views, mask)}
+             "plain torch, bf16 weights": lambda: plain.step(batch)}
     flops = 3 * forward_flops(cfg.model, args.mask_ratio, True, target.out_dim) * args.batch
     seconds = {}
     for label, step in steps.items():
@@ -197,7 +188,7 @@ def time_tokenizer(args, device) -> None:
     and later), as the target runs it by default (float16 convolutions but the output layer, as OpenAI's original),
     and that in channels-last layout; code agreement is against the first."""
     encoder = (DalleEncoder(n_hid=64, vocab_size=512) if args.smoke else DalleEncoder()).to(device)
-    _, views, _ = make_batch(args, device)
+    views = make_batch(args, device).tokenizer_views
     pixels = map_pixels(views)
     channels_last = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
     variants = {"fp32 throughout (tokenizer_fp16=false)": lambda: encoder(pixels),
@@ -237,7 +228,7 @@ def main() -> int:
         return 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke run"
     print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, DeepSpeed {deepspeed.__version__}")
-    target = HOGTarget(args.patch).to(device)
+    target = build_target("maskfeat", args.patch, device)
     print(f"bf16 vs fp32, {model_name(args)} proxy, MaskFeat, one batch of", args.check_batch)
     ok = run_part(lambda: check_bf16_matches_fp32(args, device, target))
     peak, source = peak_tflops(device, "bf16")

@@ -108,8 +108,8 @@ def main() -> None:
                         help="also time a forward + backward with each residual, alternating, this many rounds")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    images, _, mask = make_batch(args, torch.device("cpu"))
-    images = images.to(dtype)
+    batch = make_batch(args, torch.device("cpu"))
+    images, mask = batch.images.to(dtype), batch.mask
     mib = 2**20 * args.batch
     print(f"ViT-{args.size}/{args.patch} at {args.img} px, {args.dtype} weights, batch {args.batch}, mask ratio "
           f"{args.mask_ratio} (vanilla and proxy alike), drop path {args.drop_path}, layer scale 0.1")

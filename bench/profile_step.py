@@ -4,37 +4,36 @@
     python bench/profile_step.py --size micro --img 64 --patch 8 --batch 64 --target pixels     # CPU, small and fast
     python bench/profile_step.py --size base --batch 256 --dtype bf16 --trace /tmp/prof         # one GPU, chrome traces
 
-For each model (vanilla MIM, SemanticMIM proxy) the step is the loop's: HOG / pixel targets under no_grad, forward,
-loss, backward, AdamW. Each phase runs inside a ``record_function`` range (closed by a device sync on GPU, so the
-range's wall time is the phase's device time); every operator's self time is charged to the phase whose range it
-starts in, which also catches the backward ops that CUDA runs on the autograd engine's own thread. Times are self CUDA
-time on GPU and self CPU time on CPU; operators are the ATen ops that launch the kernels, so names read the same on
-both. Profiled times carry the profiler's own overhead: time steps with bench/step.py.
+For each model (vanilla MIM, SemanticMIM proxy) the step is the loop's (``smim_dist.engine.train_step``) on a plain
+model: HOG / pixel targets under no_grad, forward, loss, backward, AdamW; ``--dtype bf16`` casts the model to bf16 as
+DeepSpeed's bf16 engine holds it (no autocast). Each phase runs inside a ``record_function`` range (closed by a device
+sync on GPU, so the range's wall time is the phase's device time); every operator's self time is charged to the phase
+whose range it starts in, which also catches the backward ops that CUDA runs on the autograd engine's own thread.
+Times are self CUDA time on GPU and self CPU time on CPU; operators are the ATen ops that launch the kernels, so names
+read the same on both. Profiled times carry the profiler's own overhead: time steps with bench/step.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from smim_dist.config import ModelConfig
-from smim_dist.loss import gather_masked, mim_loss
-from smim_dist.data.masking import RandomMaskGenerator
-from smim_dist.models.mask_index import MaskIndices
+from smim_dist.data.batch import DeviceBatch
+from smim_dist.engine.train_step import PlainEngine, train_step
 from smim_dist.models.mim import MIMModel
-from smim_dist.targets.hog import HOGTarget
-from smim_dist.targets.pixels import PixelTarget
+from smim_dist.targets.build import MIMTarget
+from step import DTYPES, build_target, make_batch
 
-Step = Callable[[torch.Tensor, MaskIndices], None]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Step = Callable[[DeviceBatch], None]
 PHASES = ("target", "forward", "backward", "optimizer")
 GROUPS = {  # first match wins; the target and optimizer phases are grouped by phase, not by name
     "attention": ("scaled_dot_product", "attention"),
@@ -45,45 +44,31 @@ GROUPS = {  # first match wins; the target and optimizer phases are grouped by p
 }
 
 
-def sync(device: torch.device) -> None:
-    """Closing each phase with a sync makes the range's wall time equal to the work it queued on the GPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def build_step(mode: str, args: argparse.Namespace, device: torch.device, target: torch.nn.Module) -> Step:
+def build_step(mode: str, args: argparse.Namespace, device: torch.device, target: MIMTarget) -> Step:
     """The training step of ``smim_dist.engine.loop`` without DeepSpeed: the same modules, phases made visible."""
     cfg = ModelConfig(size=args.size, mode=mode, img_size=args.img, patch_size=args.patch, num_proxy=args.num_proxy)
-    model = MIMModel(cfg, target.out_dim).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    dtype = DTYPES[args.dtype]
+    model = MIMModel(cfg, target.out_dim).to(device, dtype)
+    engine = PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda"))
 
-    def step(images: torch.Tensor, mask: MaskIndices) -> None:
-        with record_function("target"):
-            targets = gather_masked(target(images), mask.masked)
-            sync(device)
-        with record_function("forward"):
-            with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
-                loss = mim_loss(model(images, mask), targets)
-            sync(device)
-        with record_function("backward"):
-            loss.backward()
-            sync(device)
-        with record_function("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
+    @contextlib.contextmanager
+    def phase(name: str):
+        """Closing each phase with a sync makes the range's wall time equal to the work it queued on the GPU."""
+        with record_function(name):
+            yield
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
-    return step
+    return lambda batch: train_step(engine, target, batch, dtype, phase)
 
 
-def run_profile(step: Step, images: torch.Tensor, mask: MaskIndices, args: argparse.Namespace,
-                device: torch.device) -> profile:
+def run_profile(step: Step, batch: DeviceBatch, args: argparse.Namespace, device: torch.device) -> profile:
     """Warm-up steps (optimizer state, allocator, kernel selection) are run under the schedule and then discarded."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     plan = schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
     with profile(activities=activities, schedule=plan) as prof:
         for _ in range(args.warmup + args.steps):
-            step(images, mask)
+            step(batch)
             prof.step()
     return prof
 
@@ -165,7 +150,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--target", choices=["maskfeat", "pixels"], default="maskfeat")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="the model's weights and compute: bf16 casts it to bf16 as DeepSpeed's bf16 engine does "
+                             "(no autocast)")
     parser.add_argument("--mode", choices=["vanilla", "proxy", "both"], default="both")
     parser.add_argument("--warmup", type=int, default=2, help="profiled but discarded steps")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps that are reported")
@@ -175,11 +162,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
 
-    target = (HOGTarget(args.patch) if args.target == "maskfeat" else PixelTarget(args.patch)).to(device)
-    grid = args.img // args.patch
-    masks = RandomMaskGenerator((grid, grid), round(args.mask_ratio * grid * grid))
-    mask = MaskIndices.from_bool(np.stack([masks.mask_for(0, 0, i) for i in range(args.batch)])).to(device)
-    images = torch.randn(args.batch, 3, args.img, args.img, device=device)
+    target = build_target(args.target, args.patch, device)
+    batch = make_batch(args, device)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -187,7 +171,7 @@ def main() -> None:
           f"{args.mask_ratio}, {args.num_proxy} proxies, {args.dtype}, {args.steps} steps after {args.warmup} warm-up, "
           f"on {machine}, torch {torch.__version__}")
     for mode in ("vanilla", "proxy") if args.mode == "both" else (args.mode,):
-        prof = run_profile(build_step(mode, args, device, target), images, mask, args, device)
+        prof = run_profile(build_step(mode, args, device, target), batch, args, device)
         report(mode, prof, device, args)
         if args.trace:
             args.trace.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,11 @@
     python bench/step.py                                                    # CPU: micro, tiny, small at 224 px
     python bench/step.py --sizes base --batch 256 --dtype bf16 --targets maskfeat beit --compile   # one GPU
 
-A step is what the training loop runs per micro-batch: the target under ``no_grad`` (HOG, the DALL-E tokenizer on the
-half-size view, or normalised pixels), the model's forward and loss, backward and a fused AdamW step. For each size and
-target the two models take turns round by round, so clock and thermal drift hit both alike. MFU counts model FLOPs
+A step is the training loop's micro-step (``smim_dist.engine.train_step``) on a plain model: the target under
+``no_grad`` (HOG, the DALL-E tokenizer on the half-size view, or normalised pixels), the model's forward and loss,
+backward and a fused AdamW step. ``--dtype bf16`` casts the model to bf16 as DeepSpeed's bf16 engine holds it (no
+autocast; AdamW then updates the bf16 weights, without DeepSpeed's fp32 master copy). For each size and target the two
+models take turns round by round, so clock and thermal drift hit both alike. MFU counts model FLOPs
 only (3x the forward count of ``smim_dist.models.flops``, the target generator excluded) against the card's dense
 datasheet peak, or on a CPU or an unknown card against the rate this process measures for a large matrix product.
 """
@@ -21,15 +23,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from smim_dist.config import ModelConfig
-from smim_dist.engine.device_peak import datasheet_peak
-from smim_dist.loss import gather_masked, mim_loss
+from smim_dist.data.batch import DeviceBatch
 from smim_dist.data.masking import RandomMaskGenerator
+from smim_dist.engine.device_peak import datasheet_peak
+from smim_dist.engine.train_step import PlainEngine, masked_targets, train_step
 from smim_dist.models.flops import forward_flops
 from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel
+from smim_dist.targets.build import MIMTarget
 from smim_dist.targets.dalle import DalleEncoder, DalleTokenizer
 from smim_dist.targets.hog import HOGTarget
 from smim_dist.targets.pixels import PixelTarget
@@ -74,40 +77,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_target(kind: str, patch: int, device: torch.device) -> tuple[nn.Module, int]:
+def build_target(kind: str, patch: int, device: torch.device) -> MIMTarget:
     """BEiT's tokenizer gets random weights of the real architecture: the same cost as OpenAI's, no file needed."""
-    if kind == "maskfeat":
-        target = HOGTarget(patch)
-        return target.to(device), target.out_dim
-    if kind == "pixels":
-        target = PixelTarget(patch)
-        return target.to(device), target.out_dim
-    tokenizer = DalleTokenizer(DalleEncoder())
-    return tokenizer.to(device), tokenizer.num_codes
+    if kind == "beit":
+        tokenizer = DalleTokenizer(DalleEncoder())
+        return MIMTarget(kind, tokenizer, tokenizer.num_codes).to(device)
+    generator = HOGTarget(patch) if kind == "maskfeat" else PixelTarget(patch)
+    return MIMTarget(kind, generator, generator.out_dim).to(device)
 
 
 class StepRunner:
     """One model with its optimizer and target; ``step`` is the loop's micro-step without the loader."""
 
-    def __init__(self, cfg: ModelConfig, target: nn.Module, target_kind: str, target_dim: int, args,
-                 device: torch.device):
-        self.cfg, self.target, self.target_kind, self.device = cfg, target, target_kind, device
+    def __init__(self, cfg: ModelConfig, target: MIMTarget, args, device: torch.device):
+        self.cfg, self.target = cfg, target
         self.dtype = DTYPES[args.dtype]
         self.host_sync = args.host_sync
-        self.model = MIMModel(cfg, target_dim).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        model = MIMModel(cfg, target.out_dim).to(device, self.dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self.engine = PlainEngine(torch.compile(model) if args.compile else model, optimizer)
 
-    def make_targets(self, images: torch.Tensor, views: torch.Tensor, mask: MaskIndices) -> torch.Tensor:
-        return gather_masked(self.target(views if self.target_kind == "beit" else images), mask.masked)
-
-    def step(self, images: torch.Tensor, views: torch.Tensor, mask: MaskIndices) -> None:
-        targets = self.make_targets(images, views, mask)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            loss = mim_loss(self.forward(images, mask), targets)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, batch: DeviceBatch) -> None:
+        loss = train_step(self.engine, self.target, batch, self.dtype)
         if self.host_sync:
             loss.item()
 
@@ -121,34 +112,34 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def make_batch(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, MaskIndices]:
+def make_batch(args, device: torch.device) -> DeviceBatch:
     grid = args.img // args.patch
     masks = RandomMaskGenerator((grid, grid), round(args.mask_ratio * grid * grid))
     mask = MaskIndices.from_bool(np.stack([masks.mask_for(0, 0, i) for i in range(args.batch)])).to(device)
     images = torch.randn(args.batch, 3, args.img, args.img, device=device)
     view = grid * DalleEncoder().downsample
     views = torch.rand(args.batch, 3, view, view, device=device)
-    return images, views, mask
+    return DeviceBatch(images, mask, views)
 
 
 def bench_pair(size: str, target_kind: str, args, device: torch.device, peak: float) -> list[Row]:
-    target, target_dim = build_target(target_kind, args.patch, device)
-    images, views, mask = make_batch(args, device)
+    target = build_target(target_kind, args.patch, device)
+    batch = make_batch(args, device)
     runners = {mode: StepRunner(ModelConfig(size=size, mode=mode, img_size=args.img, patch_size=args.patch,
-                                            num_proxy=args.num_proxy), target, target_kind, target_dim, args, device)
+                                            num_proxy=args.num_proxy), target, args, device)
                for mode in ("vanilla", "proxy")}
     for runner in runners.values():
         for _ in range(args.warmup):
-            runner.step(images, views, mask)
+            runner.step(batch)
     times = {mode: [] for mode in runners}
     for _ in range(args.rounds):
         for mode, runner in runners.items():
-            times[mode].append(timed(lambda: runner.step(images, views, mask), args.steps, device))
-    target_time = timed(lambda: runners["proxy"].make_targets(images, views, mask), args.steps, device)
+            times[mode].append(timed(lambda: runner.step(batch), args.steps, device))
+    target_time = timed(lambda: masked_targets(target, batch), args.steps, device)
     rows = []
     for mode, runner in runners.items():
         seconds = statistics.median(times[mode])
-        tflops = 3 * forward_flops(runner.cfg, args.mask_ratio, True, target_dim) * args.batch / seconds / 1e12
+        tflops = 3 * forward_flops(runner.cfg, args.mask_ratio, True, target.out_dim) * args.batch / seconds / 1e12
         rows.append(Row(size, target_kind, mode, args.batch, 1e3 * seconds, args.batch / seconds, tflops,
                         tflops / peak, 1e3 * target_time))
     return rows
@@ -181,7 +172,9 @@ def main() -> None:
     parser.add_argument("--num-proxy", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="the models' weights and compute: bf16 casts them to bf16 as DeepSpeed's bf16 engine does "
+                             "(no autocast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (warm-up pays for it)")
     parser.add_argument("--host-sync", action="store_true",
                         help="read the loss on the host every step, to measure what one sync per step costs")

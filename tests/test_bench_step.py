@@ -50,7 +50,7 @@ def test_gpu_check_runs_every_part_at_toy_size_on_the_cpu():
     assert out.count(") ok") == 2, out
     for line in ("DeepSpeed bf16 engine (ZeRO 1), ViT-micro/8 proxy", "DeepSpeed bf16 engine (ZeRO 1), engine.compile,",
                  "DeepSpeed bf16 engine (ZeRO 1), engine.overlap_comm,", "engine.overlap_comm / without:",
-                 "plain torch, bf16 autocast", "the training loop around the DeepSpeed bf16 engine",
+                 "plain torch, bf16 weights", "the training loop around the DeepSpeed bf16 engine",
                  "step time / plain", "tokenizer, fp32 throughout", "tokenizer, fp16 convolutions",
                  "tokenizer, the default in channels-last",
                  "the training loop's own profile of 3 steps (log.profile_steps)", "aten::addmm"):

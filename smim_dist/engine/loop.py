@@ -17,8 +17,9 @@ from smim_dist.engine.device_peak import device_peak_tflops
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.engine.step_profiler import StepProfiler
+from smim_dist.engine.train_step import backward_step, compute_dtype, forward_loss
 from smim_dist.run_logger import RunLogger
-from smim_dist.loss import gather_masked, image_blind_loss, mim_loss
+from smim_dist.loss import image_blind_loss
 from smim_dist.models.flops import forward_flops
 from smim_dist.targets.build import MIMTarget
 
@@ -59,8 +60,7 @@ class EpochRunner:
                                      device)
         self.normalize = DeviceNormalizer(device, tokenizer_view=target.needs_tokenizer_view)
         self.accumulation = engine.gradient_accumulation_steps()
-        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() \
-            else torch.float32
+        self.dtype = compute_dtype(engine)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.optim.epochs
         self.warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -88,19 +88,13 @@ class EpochRunner:
             if state.batch_in_epoch % self.accumulation == 0:
                 set_lr(engine, self.lr_at(state.step))
                 self.profiler.step_starting(state.step + 1)
-            batch = self.normalize(raw)
-            targets = gather_masked(self.target(batch.images, batch.tokenizer_views), batch.mask.masked)
-            prediction = engine(batch.images.to(self.dtype), batch.mask)
-            loss = mim_loss(prediction, targets)
+            loss, prediction, targets = forward_loss(engine, self.target, self.normalize(raw), self.dtype)
             finite = guard.observe(loss)
             sums += torch.where(finite, torch.stack([loss.detach(), image_blind_loss(prediction, targets),
                                                      torch.ones((), device=self.device)]), 0.0)
-            engine.backward(loss)
+            window_done = (state.batch_in_epoch + 1) % self.accumulation == 0
+            backward_step(engine, loss, guard.arm if window_done else None)
             state.batch_in_epoch += 1
-            window_done = state.batch_in_epoch % self.accumulation == 0
-            if window_done:
-                guard.arm()
-            engine.step()
             if window_done:
                 guard.record_step()
                 state.step += 1
