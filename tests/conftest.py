@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -43,6 +44,34 @@ def run_dir(tiny_run, tmp_path_factory) -> Path:
     copy = tmp_path_factory.mktemp("run") / "tiny"
     shutil.copytree(tiny_run, copy, symlinks=True)
     return copy
+
+
+ONE_RANK = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """A group of one in this process for the whole session: DeepSpeed keeps its own copy of the world group, so the
+    group is not torn down and rebuilt per module."""
+    from smim_dist.engine.distributed import init_distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**ONE_RANK, "MASTER_PORT": str(port)}.items():
+            patch.setenv(name, value)
+        return init_distributed(), port
+
+
+@pytest.fixture
+def process_group(world_of_one, monkeypatch):
+    """The session's group, with the launcher's variables DeepSpeed reads set for this test only (a subprocess started
+    by another test must not inherit this group's rank and port)."""
+    group, port = world_of_one
+    for name, value in {**ONE_RANK, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    return group
 
 
 def tiny_overrides(tmp_path: Path, demo_data: Path, *extra: str) -> list[str]:

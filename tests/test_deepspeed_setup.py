@@ -2,12 +2,10 @@
 non-finite guard skips an update inside it."""
 
 import copy
-import socket
 
 import deepspeed
 import pytest
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import stage_1_and_2
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from smim_dist.config import Config, ModelConfig
 from smim_dist.engine.deepspeed_setup import (build_engine, deepspeed_config, fused_adamw, norm_inside_adamw,
                                                param_groups, set_fp32_precision)
-from smim_dist.engine.distributed import init_distributed
 from smim_dist.engine.loop import EpochRunner, TrainState
 from smim_dist.engine.nonfinite_guard import NonFiniteGuard
 from smim_dist.run_logger import RunLogger
@@ -25,21 +22,6 @@ from smim_dist.models.mask_index import MaskIndices
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target
 from smim_dist.targets.pixels import PixelTarget
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A group of one in this process for this module (DeepSpeed keeps its groups across a re-init), torn down after,
-    so no other test inherits its port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                MASTER_PORT=str(port)).items():
-            patch.setenv(name, value)
-        yield init_distributed()
-        dist.destroy_process_group()
 
 
 def micro_config(precision: str, zero_stage: int = 1, accumulation: int = 1) -> Config:

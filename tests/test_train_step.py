@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils import groups
 
 from smim_dist.data.batch import DeviceBatch
 from smim_dist.engine.deepspeed_setup import build_engine, param_groups
@@ -15,23 +14,12 @@ from smim_dist.loss import gather_masked, mim_loss
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import MIMTarget
 from smim_dist.targets.pixels import PixelTarget
-from test_deepspeed_setup import micro_batch, micro_config, process_group  # noqa: F401 (the fixture below asks for it)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_forgets_other_modules_groups():
-    """``process_group`` tears its group down with torch's ``destroy_process_group``, after which DeepSpeed still holds
-    its clone of the old world group; this module and tests/test_deepspeed_setup.py each set up their own group, so
-    that cache is dropped before and after this module's, whichever module runs first."""
-    groups._release_process_group_references()
-    yield
-    groups._release_process_group_references()
+from test_deepspeed_setup import micro_batch, micro_config
 
 
 @pytest.fixture
-def device(request) -> torch.device:
-    """The process group of one that DeepSpeed needs, set up once for this module by test_deepspeed_setup's fixture."""
-    return request.getfixturevalue("process_group").device
+def device(process_group) -> torch.device:
+    return process_group.device
 
 
 def engines(precision: str, device: torch.device):
