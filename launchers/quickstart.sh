@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh Debian/Ubuntu machine (root, Python 3.11) and runs the CPU demo or the test suite:
 #   bash launchers/quickstart.sh demo [config overrides...]
-#   bash launchers/quickstart.sh test [pytest args...]
+#   bash launchers/quickstart.sh test [pytest args...]   (the full suite: both tiers, as CI runs it)
 # Idempotent: system packages and the virtual environment (.venv) are installed once and reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +50,7 @@ fi
 log "lint (ruff, configured in pyproject.toml)"
 .venv/bin/ruff check --quiet smim_dist launchers bench tests || exit 1
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --full "$@"
 status=$?
 [ $status -eq 5 ] && { log "pytest collected no tests: that is a failure"; exit 1; }
 exit $status

@@ -85,6 +85,7 @@ def test_weights_respect_qk_norm():
         torch.testing.assert_close(_output_from_weights(attn, x, attention_weights(attn, attn.qkv(x))), attn(x))
 
 
+@pytest.mark.e2e
 def test_attention_cli_writes_json_and_figures(run_dir):
     run_cli(["-m", "smim_dist.eval.cli", "attention", "--checkpoint", str(run_dir), "--images", "6"])
     out = run_dir / "eval" / TAG / "attention"

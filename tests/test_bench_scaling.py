@@ -9,6 +9,9 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
+
+
 
 def test_scaling_bench_reports_throughput_and_sharded_optimizer_state(tmp_path):
     out = tmp_path / "scaling.json"

@@ -16,6 +16,9 @@ from smim_dist.models.flops import forward_flops
 from smim_dist.targets.hog import HOGTarget
 from smim_dist.targets.pixels import PixelTarget
 
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
+
+
 
 def test_step_bench_reports_both_models_with_consistent_figures(tmp_path):
     out = tmp_path / "step.json"

@@ -13,6 +13,8 @@ import pytest
 from conftest import tiny_overrides, train_cli
 from smim_dist.data.convert_cli import main as smim_convert
 
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
+
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
 

@@ -168,6 +168,7 @@ def _report(runs: dict, name: str) -> dict:
     return json.loads((runs["out"] / f"{name}.beton.report.json").read_text())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["mixed", "raw"])
 def test_report_lists_skips_and_conversions(runs, name):
     report = _report(runs, name)
@@ -184,6 +185,7 @@ def test_report_lists_skips_and_conversions(runs, name):
     _no_temp_files(runs["out"])
 
 
+@pytest.mark.e2e
 def test_raw_beton_holds_the_exact_pixels_labels_and_positions(runs):
     beton = _read_beton(runs["out"] / "raw.beton")
     good = _good_files(runs["src"])
@@ -196,6 +198,7 @@ def test_raw_beton_holds_the_exact_pixels_labels_and_positions(runs):
         np.testing.assert_array_equal(image, _reference(runs["src"] / rel), err_msg=rel)
 
 
+@pytest.mark.e2e
 def test_mixed_beton_compresses_the_chosen_share_faithfully(runs):
     beton = _read_beton(runs["out"] / "mixed.beton")
     good = _good_files(runs["src"])
@@ -211,6 +214,7 @@ def test_mixed_beton_compresses_the_chosen_share_faithfully(runs):
         assert (10 * np.log10(255**2 / max(mse, 1e-12)) > 30) if compressed else mse == 0, rel
 
 
+@pytest.mark.e2e
 def test_existing_output_is_refused_without_overwrite(runs):
     target = runs["out"] / "mixed.beton"
     before = target.stat().st_mtime_ns, target.read_bytes()
@@ -220,6 +224,7 @@ def test_existing_output_is_refused_without_overwrite(runs):
     assert (target.stat().st_mtime_ns, target.read_bytes()) == before
 
 
+@pytest.mark.e2e
 def test_failed_run_leaves_no_output_and_no_temp_file(runs):
     proc = runs["fail"]
     assert proc.returncode == 1, proc.stderr[-4000:]
@@ -229,6 +234,7 @@ def test_failed_run_leaves_no_output_and_no_temp_file(runs):
     _no_temp_files(runs["out"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case, args, message", [
     ("missing src", ["{root}/nope", "{root}/o.beton"], "is not a directory"),
     ("no classes", ["{root}/flat", "{root}/o.beton"], "has no class folders"),
@@ -353,6 +359,7 @@ def shard_runs(tmp_path_factory) -> dict:
     return runs
 
 
+@pytest.mark.e2e
 def test_webdataset_report_lists_skips_and_conversions(shard_runs):
     report, shards = shard_runs["raw_report"], shard_runs["shards"]
     assert {skip["path"] for skip in report["skipped"]} == shards["skipped"].keys()
@@ -366,6 +373,7 @@ def test_webdataset_report_lists_skips_and_conversions(shard_runs):
     _no_temp_files(shard_runs["root"])
 
 
+@pytest.mark.e2e
 def test_webdataset_beton_holds_the_images_labels_and_positions(shard_runs):
     beton, good = _read_beton(shard_runs["root"] / "raw.beton"), shard_runs["shards"]["good"]
     assert beton["field_names"] == ["image", "label", "index"]
@@ -377,6 +385,7 @@ def test_webdataset_beton_holds_the_images_labels_and_positions(shard_runs):
         np.testing.assert_array_equal(image, _reference(io.BytesIO(payload)), err_msg=name)
 
 
+@pytest.mark.e2e
 def test_cut_shard_is_reported_and_its_intact_samples_kept(shard_runs):
     report, cut = shard_runs["mixed_report"], shard_runs["cut"]
     first = f"{shard_runs['root']}/shards/00000.tar"
@@ -438,6 +447,7 @@ def test_shard_cut_between_members_is_reported(tmp_path):
         ]
 
 
+@pytest.mark.e2e
 def test_a_killed_conversion_leaves_no_writer_and_its_temporary_is_removed_by_the_next(tmp_path):
     """SIGKILL to smim-convert while FFCV writes: the writer (its own process group) ends too instead of finishing a
     hidden file nobody removes, and the next conversion into that folder removes what the dead one left."""

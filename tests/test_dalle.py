@@ -102,6 +102,7 @@ def test_pickled_module_needs_trust(weight_files, images, reference_out):
     _assert_same(tokenizer, images, reference_out)
 
 
+@pytest.mark.e2e
 def test_pickled_module_loads_without_dall_e(weight_files, images, reference_out, tmp_path):
     """The .pkl path remaps dall_e classes, so it works where the dall_e package (and attrs) cannot be imported."""
     torch.save(images[:1].clone(), tmp_path / "image.pt")

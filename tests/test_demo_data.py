@@ -150,6 +150,7 @@ def test_workers_give_the_same_tree(tmp_path):
     assert _tree(serial) == _tree(pooled)
 
 
+@pytest.mark.e2e
 def test_concurrent_builds_agree(tmp_path):
     root = tmp_path / "demo"
     ctx = multiprocessing.get_context("spawn")
@@ -181,6 +182,7 @@ def test_losing_the_race_keeps_the_winner(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "reference"]
 
 
+@pytest.mark.e2e
 def test_a_build_killed_midway_leaves_nothing_once_the_next_one_runs(tmp_path):
     root = tmp_path / "demo"
     builder = multiprocessing.get_context("spawn").Process(
@@ -195,6 +197,7 @@ def test_a_build_killed_midway_leaves_nothing_once_the_next_one_runs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
+@pytest.mark.e2e
 def test_training_on_a_folder_holding_other_demo_scenes_is_refused_before_any_work(tmp_path):
     from conftest import tiny_overrides, train_cli
 

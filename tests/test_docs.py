@@ -282,6 +282,7 @@ def workspace(tmp_path, shared_data, tiny_run, demo_data) -> Workspace:
     return Workspace(root=tmp_path, demo=demo_data, weights=tmp_path / "weights" / "encoder.pkl", tag=tag)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.source}" for c in COMMANDS])
 def test_the_documented_command_runs(command, workspace):
     rule_for(command)(command, workspace)

@@ -9,6 +9,8 @@ from conftest import losses, run_cli, tiny_overrides, train_cli
 from smim_dist.engine.checkpoint import checkpoint_problem, newest_valid_tag
 from smim_dist.engine.checkpoint import consolidated_state_dict
 
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
+
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
 

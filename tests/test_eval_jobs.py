@@ -26,6 +26,7 @@ def wait_for_job(folder, timeout=300):
     return json.loads((folder / "results.json").read_text())
 
 
+@pytest.mark.e2e
 def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configured_protocols(tmp_path, demo_data):
     options = tmp_path / "eval_options"
     options.mkdir()
@@ -55,6 +56,7 @@ def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configure
     assert "was started before" in again and "not started again" in again
 
 
+@pytest.mark.e2e
 def test_an_evaluation_that_cannot_start_never_stops_training(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=unlucky", "optim.epochs=1", "eval.every_epochs=1",
                                "checkpoint.every_epochs=1")

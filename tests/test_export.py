@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from smim_dist.config import ModelConfig
 from smim_dist.engine.checkpoint import consolidated_state_dict, resolve_checkpoint
+from smim_dist.export import main as smim_export
 from smim_dist.models.mim import MIMModel
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs
 from smim_dist.targets.build import build_target
@@ -16,20 +17,15 @@ from smim_dist.targets.build import build_target
 from conftest import run_cli, tiny_overrides, train_cli
 
 
-@pytest.mark.parametrize("nproc, stage", [(1, 0), (2, 3)])
-def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
-    name = f"z{stage}"
-    train_cli(nproc, "configs/demo_cpu.yaml",
-              tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1", f"engine.zero_stage={stage}"))
-    out = tmp_path / "export" / "vit.safetensors"
-    proc = run_cli(["-m", "smim_dist.export", str(tmp_path / name), str(out)])
-    assert "strict=True" in proc.stdout
+def check_export(run, out, export_output: str) -> None:
+    """The exported file loads strictly into the timm model its metadata names and gives the trained encoder's
+    features."""
+    assert "strict=True" in export_output
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["timm_kwargs"]["reg_tokens"] == 3 and meta["mode"] == "proxy"
-
     model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
     model.load_state_dict(load_file(str(out)), strict=True)
-    checkpoint, cfg = resolve_checkpoint(tmp_path / name)
+    checkpoint, cfg = resolve_checkpoint(run)
     trained = MIMModel(cfg.model, target_dim=build_target(cfg).out_dim)
     trained.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
     assert not torch.equal(trained.encoder.pos_embed, torch.zeros_like(trained.encoder.pos_embed))
@@ -38,6 +34,22 @@ def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
         ours = trained.eval().encoder(images)
         theirs = model.eval().forward_features(images)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_the_tiny_run_exports_to_timm_with_its_features(run_dir, tmp_path, capsys):
+    out = tmp_path / "export" / "vit.safetensors"
+    assert smim_export([str(run_dir), str(out)]) == 0
+    check_export(run_dir, out, capsys.readouterr().out)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("nproc, stage", [(1, 0), (2, 3)])
+def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
+    name = f"z{stage}"
+    train_cli(nproc, "configs/demo_cpu.yaml",
+              tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1", f"engine.zero_stage={stage}"))
+    out = tmp_path / "export" / "vit.safetensors"
+    check_export(tmp_path / name, out, run_cli(["-m", "smim_dist.export", str(tmp_path / name), str(out)]).stdout)
 
 
 @pytest.mark.parametrize("mode", ["proxy", "vanilla"])
@@ -51,9 +63,9 @@ def test_exported_encoder_drops_pretraining_parts(mode):
     assert timm_kwargs(cfg)["reg_tokens"] == (4 if mode == "proxy" else 0)
 
 
-def test_export_refuses_a_non_checkpoint(tmp_path):
-    proc = run_cli(["-m", "smim_dist.export", str(tmp_path), str(tmp_path / "x.safetensors")], check=False)
-    assert proc.returncode == 2 and "is not a smim_dist checkpoint" in proc.stderr
+def test_export_refuses_a_non_checkpoint(tmp_path, capsys):
+    assert smim_export([str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
+    assert "is not a smim_dist checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("reader", ["smim-export", "smim-eval"])
@@ -62,7 +74,6 @@ def test_every_reader_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys, re
     import shutil
 
     from smim_dist.eval.cli import main as smim_eval
-    from smim_dist.export import main as smim_export
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, symlinks=True)
@@ -121,6 +132,7 @@ def test_a_failure_inside_the_work_is_a_crash_not_bad_input(run_dir, tmp_path, m
             smim_eval(["knn", "--checkpoint", str(run_dir), "--out", str(tmp_path / "eval")])
 
 
+@pytest.mark.e2e
 def test_a_run_moves_to_a_machine_without_its_training_files(tmp_path, capsys):
     """Export and evaluation need the weights and the evaluation's data, not the training machine's files: a BEiT
     run is exported and scored (on data given by override) after its tokenizer weights and its data are gone."""
@@ -129,7 +141,6 @@ def test_a_run_moves_to_a_machine_without_its_training_files(tmp_path, capsys):
     from test_dalle import dall_e_encoder
 
     from smim_dist.eval.cli import main as smim_eval
-    from smim_dist.export import main as smim_export
 
     weights, data = tmp_path / "encoder.pkl", tmp_path / "data"
     torch.manual_seed(0)

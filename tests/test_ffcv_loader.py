@@ -145,6 +145,7 @@ def test_a_dying_loading_thread_raises_instead_of_hanging(demo_root, monkeypatch
         next(iter(loader))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
 def test_runs_that_read_other_sources_never_import_ffcv(demo_root, source):
     """Importing FFCV compiles numba code, about 5 s in every process; runs of the other sources skip it."""

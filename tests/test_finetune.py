@@ -118,6 +118,7 @@ def test_bad_input_is_refused_before_any_compute(run_dir, demo_data, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_torchrun_two_ranks_fine_tune_together(run_dir, tmp_path):
     proc = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smim_dist.eval.cli",
                     "finetune", "--checkpoint", str(run_dir), "--out", str(tmp_path), *FT, "--accum-steps", "2"])

@@ -9,7 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, wandb_offline_history
+
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
 
 DEMO_COMMAND = "bash launchers/quickstart.sh demo"
 """the README's quick-start command (tests/test_docs.py checks that it is)"""

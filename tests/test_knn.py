@@ -83,6 +83,7 @@ def first_eval(run_dir) -> Path:
     return run_dir / "eval" / TAG / "results.json"
 
 
+@pytest.mark.e2e
 def test_knn_cli_writes_results_once(run_dir, first_eval, capsys):
     stored = json.loads(first_eval.read_text())
     assert (stored["tag"], stored["step"], list(stored["protocols"])) == (TAG, 4, ["knn"])
@@ -99,6 +100,7 @@ def test_knn_cli_writes_results_once(run_dir, first_eval, capsys):
     assert first_eval.stat().st_mtime_ns == written
 
 
+@pytest.mark.e2e
 def test_two_processes_give_the_one_process_results(run_dir, first_eval, tmp_path):
     run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smim_dist.eval.cli",
              "knn", "--checkpoint", str(run_dir), "--batch-size", "3", "--out", str(tmp_path)])

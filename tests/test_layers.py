@@ -6,6 +6,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 PACKAGE = REPO / "smim_dist"
@@ -103,6 +105,7 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
+@pytest.mark.e2e
 def test_config_and_the_file_checks_load_without_torch_or_numba():
     """The SLURM launcher validates a run on a login node, where importing torch costs seconds (or is not there)."""
     code = ("import sys, smim_dist.config, smim_dist.preflight\n"

@@ -63,6 +63,7 @@ def _merge_many(folder: Path, writer: int) -> None:
         merge_results(folder, {"checkpoint": "/c", "tag": TAG, "step": 4}, f"p{writer}-{round_}", {"round": round_})
 
 
+@pytest.mark.e2e
 def test_racing_protocols_keep_each_others_entries(tmp_path):
     context = multiprocessing.get_context("fork")
     writers = [context.Process(target=_merge_many, args=(tmp_path, i)) for i in range(4)]
@@ -85,6 +86,7 @@ def test_a_results_file_of_another_layout_is_refused_not_overwritten(tmp_path):
 PROBE = ["--block", "2", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--encode-batch-size", "8"]
 
 
+@pytest.mark.e2e
 def test_linear_cli_joins_knn_in_results_and_resumes(run_dir, capsys):
     assert main(["knn", "--checkpoint", str(run_dir), "--batch-size", "8"]) == 0
     folder = run_dir / "eval" / TAG

@@ -48,6 +48,7 @@ def finish(nodes, logs, timeout=300):
     return codes, [(logs / f"node{rank}.log").read_text() for rank in (0, 1)]
 
 
+@pytest.mark.e2e
 def test_two_nodes_train_stop_on_sigterm_and_resume_like_one_node(tmp_path, demo_data):
     """4 epochs x 4 steps, one checkpoint at the end, so the SIGTERM's is the only one before it; image files rather
     than FFCV only because its pipeline compiles faster."""

@@ -11,6 +11,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def test_every_package_of_the_source_is_listed_for_the_wheel():
     assert found | {"smim_dist.configs"} == listed
 
 
+@pytest.mark.e2e
 def test_a_wheel_install_finds_the_shipped_configs(tmp_path):
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout

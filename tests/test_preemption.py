@@ -12,6 +12,8 @@ import torch
 
 from conftest import REPO, losses, tiny_overrides, train_cli
 
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
+
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
 

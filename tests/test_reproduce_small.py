@@ -8,7 +8,12 @@ escape depends on both (docs/experiments.md), which would make this test flaky."
 
 import json
 
+import pytest
+
 from conftest import run_cli
+
+pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
+
 
 
 def test_pre_training_beats_random_initialisation(tmp_path):

@@ -125,6 +125,7 @@ def test_a_damaged_saved_config_is_refused_by_name(run_copy, tmp_path, text, rea
     assert reason in str(err.value) and "nothing was changed" in str(err.value)
 
 
+@pytest.mark.e2e
 def test_a_read_only_checkpoint_folder_stops_the_run_before_its_first_step(tmp_path, demo_data):
     with tmpfs(tmp_path / "ro" / "checkpoints", read_only=True):
         proc = train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=ro"), check=False)
@@ -133,6 +134,7 @@ def test_a_read_only_checkpoint_folder_stops_the_run_before_its_first_step(tmp_p
     assert not (tmp_path / "ro" / "metrics.jsonl").exists(), "refused before the first step"
 
 
+@pytest.mark.e2e
 def test_a_disk_without_room_for_one_checkpoint_stops_the_run_before_its_first_step(tmp_path, demo_data):
     with tmpfs(tmp_path / "small", size="2m") as small:
         proc = train_cli(1, TINY_CONFIG, tiny_overrides(small, demo_data, "run_name=full"), check=False)
@@ -155,6 +157,7 @@ def wait_for_rows(run: Path, rows: int, process: subprocess.Popen, timeout: floa
         time.sleep(0.1)
 
 
+@pytest.mark.e2e
 def test_a_second_training_of_the_same_run_directory_is_refused_with_the_holder(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=busy", "optim.epochs=4")
     first = start(["tests/scripts/train_with_faults.py", "--slow-loader-rank", "0", "--loader-delay", "2",
@@ -171,6 +174,7 @@ def test_a_second_training_of_the_same_run_directory_is_refused_with_the_holder(
     assert rows == list(range(1, 17)), "one writer"
 
 
+@pytest.mark.e2e
 def test_workers_stop_with_a_checkpoint_when_their_launcher_is_killed(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=orphans", "optim.epochs=30", "checkpoint.every_epochs=30",
                                "log.every_steps=1")

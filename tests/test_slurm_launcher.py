@@ -79,6 +79,7 @@ def test_without_slurm_only_the_dry_run_works(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_submitting_imports_none_of_the_trainer(tmp_path):
     """A login node checks and submits without DeepSpeed (which probes for accelerators and prints about it), FFCV,
     timm or wandb: the job imports the trainer on the compute node."""

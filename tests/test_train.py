@@ -21,6 +21,7 @@ def snapshot(directory):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
     """Losses match; so do the gradient norms of DeepSpeed's ZeRO 3 and of AdamW's hook, which under ZeRO 2 sums both
     ranks' partitions and under ZeRO 0 (one process or two) takes the already averaged gradients as they are."""
@@ -42,6 +43,7 @@ def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
             assert got[step] == pytest.approx(norm, rel=1e-3), f"{label}, step {step}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [1, 2])
 def test_overlapped_all_reduce_trains_as_the_one_after_the_backward(tmp_path, demo_data, stage):
     """``engine.overlap_comm`` reduces buckets of a quarter of the model during the backward, here on 2 processes
@@ -58,6 +60,7 @@ def test_overlapped_all_reduce_trains_as_the_one_after_the_backward(tmp_path, de
             assert overlapped[step] == pytest.approx(value, rel=1e-5), f"step {step}"
 
 
+@pytest.mark.e2e
 def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=nan")
     train_with_faults(2, ["--nan-calls", "2,3"], overrides)
@@ -67,6 +70,7 @@ def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
     assert all(r["loss"] == r["loss"] for r in records), "no NaN reached the logged loss"
 
 
+@pytest.mark.e2e
 def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
     """Rank 1's loader sleeps before each batch; rank 0 then waits in the collectives, not for data, so only the
     gathered per-rank figures can show which loader holds the run back."""
@@ -81,6 +85,7 @@ def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
     assert "on rank 1)" in run.stderr
 
 
+@pytest.mark.e2e
 def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=diverge", "engine.max_bad_steps=3",
                                "checkpoint.every_epochs=1")
@@ -92,6 +97,7 @@ def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004"]
 
 
+@pytest.mark.e2e
 def test_a_diverged_run_never_checkpoints_its_weights(tmp_path, demo_data):
     """lr 1e30: the first update leaves huge but finite weights, every later loss is not finite; no checkpoint of
     them is written, and the run ends with status 3 rather than 0."""
@@ -104,6 +110,7 @@ def test_a_diverged_run_never_checkpoints_its_weights(tmp_path, demo_data):
     assert not (tmp_path / "huge" / "checkpoints").exists() or not any((tmp_path / "huge" / "checkpoints").iterdir())
 
 
+@pytest.mark.e2e
 def test_a_non_finite_optimizer_moment_is_never_checkpointed(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=moment", "checkpoint.every_epochs=1",
                                "engine.zero_stage=1")
@@ -116,6 +123,7 @@ def test_a_non_finite_optimizer_moment_is_never_checkpointed(tmp_path, demo_data
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000004"]
 
 
+@pytest.mark.e2e
 def test_bad_steps_between_two_host_reads_are_still_caught(tmp_path, demo_data):
     """With a read every 4 steps, steps 5-6 are skipped and 7-8 recover before the read at step 8: still 2 in a row."""
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=between", "engine.max_bad_steps=2",
@@ -125,6 +133,7 @@ def test_bad_steps_between_two_host_reads_are_still_caught(tmp_path, demo_data):
     assert "2 steps in a row had a non-finite loss (engine.max_bad_steps=2) by step 8" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_demo_config_end_to_end(tmp_path, demo_data):
     overrides = [f"output_dir={tmp_path}", f"data.path={tmp_path / 'data'}", "data.demo_images=256", "optim.epochs=3",
                  "optim.global_batch=32", "optim.micro_batch=32", "log.every_steps=4", "checkpoint.every_epochs=3"]
@@ -149,6 +158,7 @@ def test_demo_config_end_to_end(tmp_path, demo_data):
     assert "run " in proc.stderr and "ZeRO-1 fp32" in proc.stderr and "image-blind" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_rerun_with_other_config_refuses_and_changes_nothing(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=taken", "optim.epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
@@ -159,6 +169,7 @@ def test_rerun_with_other_config_refuses_and_changes_nothing(tmp_path, demo_data
     assert snapshot(tmp_path / "taken") == before
 
 
+@pytest.mark.e2e
 def test_unsupported_precision_names_what_is_supported(tmp_path, demo_data):
     accelerator = get_accelerator()
     supported = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
@@ -172,6 +183,7 @@ def test_unsupported_precision_names_what_is_supported(tmp_path, demo_data):
     assert not (tmp_path / "demo_cpu").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/nope.yaml"], "config file not found"),
     (["--config", TINY_CONFIG, "optim.micro_batch=0"], "optim.micro_batch=0: both must be at least 1"),
@@ -185,12 +197,14 @@ def test_bad_cli_input_fails_before_work(args, message, tmp_path, monkeypatch):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+@pytest.mark.e2e
 def test_local_launcher_refuses_batch_that_does_not_split():
     proc = run_cli(["launchers/local.py", "--nproc", "3", "--config", TINY_CONFIG], check=False)
     assert proc.returncode == 2
     assert "optim.global_batch=64 is not divisible by 3 processes" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_beit_target_trains_end_to_end(tmp_path, demo_data):
     from smim_dist.targets.dalle import DalleEncoder
 
@@ -203,6 +217,7 @@ def test_beit_target_trains_end_to_end(tmp_path, demo_data):
     assert len(got) == 4 and all(7.0 < loss < 10.0 for loss in got.values()), "cross-entropy over 8192 codes"
 
 
+@pytest.mark.e2e
 def test_corrupt_images_are_skipped_and_counted(tmp_path, demo_data):
     from PIL import Image
 
@@ -221,6 +236,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, demo_data):
     assert all(r["loss"] == r["loss"] for r in records)
 
 
+@pytest.mark.e2e
 def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_data):
     common = ["checkpoint.every_epochs=1", "log.wandb_mode=offline"]
     train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
@@ -237,6 +253,7 @@ def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_
     assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)
 
 
+@pytest.mark.e2e
 def test_compiled_model_trains_like_eager(tmp_path, demo_data):
     for name, flag in (("eager", "false"), ("compiled", "true")):
         train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1",
@@ -244,6 +261,7 @@ def test_compiled_model_trains_like_eager(tmp_path, demo_data):
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_profiled_steps_leave_a_trace_on_every_rank_and_train_the_same(tmp_path, demo_data):
     """Steps 3-6 of 8 (across the epoch boundary) traced on 2 ranks: each rank's trace holds those steps and the
     model's operators, and the losses are an unprofiled run's."""
@@ -263,6 +281,7 @@ def test_profiled_steps_leave_a_trace_on_every_rank_and_train_the_same(tmp_path,
         assert "Self CPU" in table and "aten::mm" in table
 
 
+@pytest.mark.e2e
 def test_a_profile_window_cut_by_a_stop_is_written_and_the_resumed_run_traces_the_rest(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=cut", "log.profile_steps=4", "log.profile_from_step=3")
     train_with_faults(1, ["--stop-after", "4"], overrides)
@@ -271,6 +290,7 @@ def test_a_profile_window_cut_by_a_stop_is_written_and_the_resumed_run_traces_th
     assert traces == ["rank00000_steps3-4.json.gz", "rank00000_steps5-6.json.gz"]
 
 
+@pytest.mark.e2e
 def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=prune", "optim.epochs=3", "checkpoint.every_epochs=1",
                                "checkpoint.keep_last=1", "checkpoint.keep_every_epochs=2", "log.every_steps=4")
@@ -286,6 +306,7 @@ def train_with_faults(nproc: int, faults: list[str], overrides: list[str], **kw)
                    **kw)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("source, nproc", [("ffcv", 1), ("ffcv", 2), ("imagefolder", 1), ("webdataset", 1)])
 def test_mid_epoch_resume_after_a_skipped_step_is_exact(tmp_path, demo_data, source, nproc):
     """A NaN skips step 2; a run stopped at step 5, inside epoch 2, and resumed must give the uninterrupted loss
@@ -307,6 +328,7 @@ def test_mid_epoch_resume_after_a_skipped_step_is_exact(tmp_path, demo_data, sou
     assert records[-1]["skipped_steps"] == 1
 
 
+@pytest.mark.e2e
 def test_webdataset_spec_without_shards_is_refused(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "data.demo=false", "data.source=webdataset",
                                f"data.path={tmp_path}/x-{{0..3}}.tar",
@@ -315,6 +337,7 @@ def test_webdataset_spec_without_shards_is_refused(tmp_path, demo_data):
     assert proc.returncode == 2 and "4 of 4 shards do not exist" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumed(tmp_path, demo_data):
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=damaged", "checkpoint.every_epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
@@ -337,6 +360,7 @@ def test_overrides_may_surround_the_flags():
                                                                             "optim.epochs=2"], 1)
 
 
+@pytest.mark.e2e
 def test_a_resume_that_changes_harmless_settings_saves_them_and_records_the_change(tmp_path, demo_data):
     """Evaluation jobs read the saved config while retention reads the live one: a setting changed on resume (here
     the log interval and the checkpoints kept) must reach the saved config, with a record of when it changed."""
