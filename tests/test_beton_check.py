@@ -13,8 +13,6 @@ import pytest
 from conftest import tiny_overrides, train_cli
 from smim_dist.data.convert_cli import main as smim_convert
 
-pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
-
 TINY_CONFIG = "configs/demo_cpu.yaml"
 
 
@@ -44,24 +42,39 @@ def test_a_conversion_writes_a_checksum_that_sha256sum_and_verify_accept(beton):
     assert verify(beton) == (0, f"{beton}: structure and checksum ok\n")
 
 
-@pytest.mark.parametrize("cut, problem", [(40 * 24, "its header counts 64 samples, its index holds 24"),
-                                          (4096, "its index at byte")])
-def test_a_file_cut_short_is_refused_when_opened(beton, tmp_path, demo_data, cut, problem):
-    """The index (24 bytes a sample) is the file's end: 40 entries cut, or more than the index."""
-    beton.write_bytes(beton.read_bytes()[:-cut])
-    code, message = verify(beton)
-    assert code == 1 and f"{beton} is damaged: {problem}" in message
-    proc = train_on(beton, tmp_path, demo_data)
-    assert proc.returncode == 2 and f"{beton} is damaged: {problem}" in proc.stderr
-    assert not (tmp_path / "damaged" / "metrics.jsonl").exists()
+def cut(beton, size: int) -> None:
+    beton.write_bytes(beton.read_bytes()[:-size])
 
 
-def test_a_file_partly_overwritten_is_refused_by_its_checksum(beton, tmp_path, demo_data):
+def overwrite_middle(beton) -> None:
     data = bytearray(beton.read_bytes())
     third = len(data) // 3
     data[third:2 * third] = bytes(third)
     beton.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "40 index entries cut": (lambda beton: cut(beton, 40 * 24), "its header counts 64 samples, its index holds 24"),
+    "more than the index cut": (lambda beton: cut(beton, 4096), "its index at byte"),
+    "a third overwritten": (overwrite_middle, "its bytes do not match its checksum"),
+}
+"""The index (24 bytes a sample) is the file's end: cutting it is a structure problem, seen whenever the file is
+opened; zeroed bytes in the middle only the checksum shows."""
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_verify_names_the_damage(beton, damage):
+    damage_file, problem = DAMAGES[damage]
+    damage_file(beton)
     code, message = verify(beton)
-    assert code == 1 and "its bytes do not match its checksum" in message
+    assert code == 1 and (f"{beton} is damaged: {problem}" in message if "cut" in damage else problem in message)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_training_refuses_a_damaged_beton_before_its_first_step(beton, tmp_path, demo_data, damage):
+    damage_file, problem = DAMAGES[damage]
+    damage_file(beton)
     proc = train_on(beton, tmp_path, demo_data)
-    assert proc.returncode == 2 and f"{beton} is damaged: its bytes do not match its checksum" in proc.stderr
+    assert proc.returncode == 2 and f"{beton} is damaged: {problem}" in proc.stderr
+    assert not (tmp_path / "damaged" / "metrics.jsonl").exists()
