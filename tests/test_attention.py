@@ -17,7 +17,6 @@ from smim_dist.eval.attention import (attention_modules, attention_weights, capt
 from smim_dist.eval.cli import main
 from smim_dist.models.timm_export import create_timm_encoder
 
-from conftest import run_cli
 
 TAG = "step_00000004"
 """one epoch of the tiny config: 64 images / global batch 16"""
@@ -85,9 +84,8 @@ def test_weights_respect_qk_norm():
         torch.testing.assert_close(_output_from_weights(attn, x, attention_weights(attn, attn.qkv(x))), attn(x))
 
 
-@pytest.mark.e2e
 def test_attention_cli_writes_json_and_figures(run_dir):
-    run_cli(["-m", "smim_dist.eval.cli", "attention", "--checkpoint", str(run_dir), "--images", "6"])
+    assert main(["attention", "--checkpoint", str(run_dir), "--images", "6"]) == 0
     out = run_dir / "eval" / TAG / "attention"
     results = json.loads((out / "attention.json").read_text())
     assert (results["tag"], results["step"], results["mode"], results["images"]) == (TAG, 4, "proxy", 6)

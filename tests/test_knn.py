@@ -78,12 +78,11 @@ def test_image_tree_and_beton_give_the_same_centre_crops(tmp_path, demo_data):
 
 @pytest.fixture(scope="module")
 def first_eval(run_dir) -> Path:
-    """``smim-eval knn`` on the run directory, one process; batches of 8 so FFCV reuses its buffers."""
-    run_cli(["-m", "smim_dist.eval.cli", "knn", "--checkpoint", str(run_dir), "--batch-size", "8"])
+    """``smim-eval knn`` on the run directory, in this process; batches of 8 so FFCV reuses its buffers."""
+    assert main(["knn", "--checkpoint", str(run_dir), "--batch-size", "8"]) == 0
     return run_dir / "eval" / TAG / "results.json"
 
 
-@pytest.mark.e2e
 def test_knn_cli_writes_results_once(run_dir, first_eval, capsys):
     stored = json.loads(first_eval.read_text())
     assert (stored["tag"], stored["step"], list(stored["protocols"])) == (TAG, 4, ["knn"])

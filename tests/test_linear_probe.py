@@ -15,7 +15,6 @@ from smim_dist.eval.cli import main
 from smim_dist.eval.linear_probe import ProbeRecipe, head_accuracy, train_heads
 from smim_dist.eval.results import merge_results, read_results
 
-from conftest import run_cli
 
 TAG = "step_00000004"
 """one epoch of the tiny config: 64 images / global batch 16"""
@@ -86,13 +85,14 @@ def test_a_results_file_of_another_layout_is_refused_not_overwritten(tmp_path):
 PROBE = ["--block", "2", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--encode-batch-size", "8"]
 
 
-@pytest.mark.e2e
 def test_linear_cli_joins_knn_in_results_and_resumes(run_dir, capsys):
     assert main(["knn", "--checkpoint", str(run_dir), "--batch-size", "8"]) == 0
     folder = run_dir / "eval" / TAG
     knn = read_results(folder)["protocols"]["knn"]
-    proc = run_cli(["-m", "smim_dist.eval.cli", "linear", "--checkpoint", str(run_dir), *PROBE])
-    assert "linear probe epoch 3/3" in proc.stdout and "encoded after block 2" in proc.stdout
+    capsys.readouterr()
+    assert main(["linear", "--checkpoint", str(run_dir), *PROBE]) == 0
+    out = capsys.readouterr().out
+    assert "linear probe epoch 3/3" in out and "encoded after block 2" in out
     results = json.loads((folder / "results.json").read_text())
     assert (results["tag"], results["step"], results["protocols"]["knn"]) == (TAG, 4, knn)
     linear = results["protocols"]["linear"]
