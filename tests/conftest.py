@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,10 +71,10 @@ def one_rank_launcher(port: int):
         yield
 
 
-@pytest.fixture(scope="session")
-def world_of_one():
-    """A group of one in this process for the whole session: DeepSpeed keeps its own copy of the world group, so the
-    group is not torn down and rebuilt per module."""
+@functools.cache
+def group_of_one():
+    """A group of one in this process for the whole session (DeepSpeed keeps its own copy of the world group, so it
+    is never torn down and rebuilt): the in-process trainings and engines of every test share it."""
     from smim_dist.engine.distributed import init_distributed
 
     with socket.socket() as sock:
@@ -77,6 +82,11 @@ def world_of_one():
         port = sock.getsockname()[1]
     with one_rank_launcher(port):
         return init_distributed(), port
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    return group_of_one()
 
 
 @pytest.fixture
@@ -96,7 +106,7 @@ def tiny_run(tmp_path_factory, demo_data, world_of_one) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config(REPO / "configs/demo_cpu.yaml", tiny_overrides(out, demo_data, "run_name=tiny", "optim.epochs=1"))
     group, port = world_of_one
-    with one_rank_launcher(port):
+    with as_a_rank_of_its_own(port):
         train(cfg, group)
     return out / "tiny"
 
@@ -115,9 +125,54 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subproce
 
 
 def train_cli(nproc: int, config: str, overrides: list[str], **kw) -> subprocess.CompletedProcess:
+    """``smim-train`` on one process, in this one (see ``train_in_process``), or ``launchers/local.py`` on several."""
     if nproc == 1:
-        return run_cli(["-m", "smim_dist.train", "--config", config, *overrides], **kw)
+        return train_in_process(["--config", config, *overrides], **kw)
     return run_cli(["launchers/local.py", "--nproc", str(nproc), "--config", config, *overrides], **kw)
+
+
+@contextlib.contextmanager
+def as_a_rank_of_its_own(port: int):
+    """This process trains as a subprocess would: one thread (run_cli's OMP_NUM_THREADS=1), the launcher's variables,
+    its signal handlers and wandb's service gone afterwards (a later subprocess must start its own service, as a
+    user's next command does, not inherit this one through WANDB_SERVICE)."""
+    import wandb
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with one_rank_launcher(port), contextlib.chdir(REPO):
+            yield
+    finally:
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def train_in_process(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """``smim-train``'s main as a subprocess runs it (its output captured, its exit status, a traceback as status 1),
+    without paying torch's and DeepSpeed's imports again; the command itself runs as a subprocess in the journeys and
+    the docs test."""
+    from smim_dist.train import main
+
+    _, port = group_of_one()
+    out, err = io.StringIO(), io.StringIO()
+    with as_a_rank_of_its_own(port), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    proc = subprocess.CompletedProcess(["smim-train", *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"smim-train {argv} exited {code}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:
