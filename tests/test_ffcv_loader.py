@@ -106,7 +106,7 @@ def test_bad_ffcv_input_is_refused_with_what_to_do(demo_root, tmp_path):
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
-    with pytest.raises(ConfigError, match="is not a file.*smim-convert"):
+    with pytest.raises(ConfigError, match="does not exist.*smim-convert"):
         build_pretrain_loader(config(demo_root, "data.demo=false", f"data.path={tmp_path}/none.beton"), 0, 1)
     other = tmp_path / "labels_only.beton"
     DatasetWriter(str(other), {"label": IntField()}, num_workers=1).from_indexed_dataset([(i,) for i in range(20)])

@@ -9,11 +9,12 @@ command line win over it.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import inspect
+import io
 import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -42,15 +43,30 @@ def recipe_of(options: Any, recipe: type[T]) -> T:
 
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's docstring (the string literal after it, as smim_dist.config documents its fields), inherited ones
-    included. Python keeps no trace of them at run time, so they are read from the source."""
+    included. Python keeps no trace of them at run time, so they are read from the source, with ``tokenize``: the
+    ``ast`` module's constructor is not thread-safe on Python 3.11, and loader threads may be running."""
     docs: dict[str, str] = {}
     for klass in reversed([klass for klass in cls.__mro__ if dataclasses.is_dataclass(klass)]):
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-                docs[node.target.id] = " ".join(after.value.value.split())
+        source = io.StringIO(textwrap.dedent(inspect.getsource(klass))).readline
+        lines, line = [], []
+        for token in tokenize.generate_tokens(source):
+            if token.type == tokenize.NEWLINE:
+                lines.append(line)
+                line = []
+            elif token.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+                line.append(token)
+        for field, after in zip(lines, lines[1:]):
+            annotated = len(field) > 1 and field[0].type == tokenize.NAME and field[1].string == ":"
+            if annotated and len(after) == 1 and after[0].type == tokenize.STRING:
+                docs[field[0].string] = " ".join(_string_value(after[0].string).split())
     return docs
+
+
+def _string_value(literal: str) -> str:
+    """The text of a plain (not f-, not byte) string literal, without evaluating it."""
+    body = literal.lstrip("rRuU")
+    quote = body[:3] if body[:3] in ('"""', "'''") else body[0]
+    return body[len(quote):-len(quote)]
 
 
 def _not_a_choice(value: Any, choices: Sequence[str]) -> str | None:
