@@ -1,8 +1,9 @@
 """The package's layers: imports flow one way (docs/design.md draws them), and what login nodes load stays light."""
 
-import ast
+import io
 import subprocess
 import sys
+import tokenize
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,14 +19,32 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def statements(path: Path) -> list[list[str]]:
+    """The file's logical lines as token strings. ``tokenize``, not ``ast``: on Python 3.11 ``ast`` is not thread-safe,
+    and FFCV's loader threads left by earlier tests build ASTs of their own."""
+    lines, line = [], []
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if token.type == tokenize.NEWLINE:
+            lines.append(line)
+            line = []
+        elif token.type in (tokenize.NAME, tokenize.OP):
+            line.append(token.string)
+    return lines
+
+
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
     """(module, names) for every ``from smim_dist... import`` and ``import smim_dist...``, function-level ones too."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("smim_dist"):
-            found.append((node.module, [alias.name for alias in node.names]))
-        elif isinstance(node, ast.Import):
-            found += [(alias.name, []) for alias in node.names if alias.name.startswith("smim_dist")]
+    for line in statements(path):
+        if len(line) > 3 and line[0] == "from" and line[1] == "smim_dist":
+            at = line.index("import")
+            names = [word for before, word in zip(line[at:], line[at + 1:])
+                     if word.isidentifier() and before != "as" and word != "as"]
+            found.append(("".join(line[1:at]), names))
+        elif line and line[0] == "import":
+            modules = " ".join(line[1:]).split(" , ")
+            found += [("".join(module.split(" as ")[0].split()), []) for module in modules
+                      if module.startswith("smim_dist")]
     return found
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import inspect
 import io
-import textwrap
 import tokenize
 import types
 import typing
@@ -43,23 +42,41 @@ def recipe_of(options: Any, recipe: type[T]) -> T:
 
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's docstring (the string literal after it, as smim_dist.config documents its fields), inherited ones
-    included. Python keeps no trace of them at run time, so they are read from the source, with ``tokenize``: the
-    ``ast`` module's constructor is not thread-safe on Python 3.11, and loader threads may be running."""
+    included. Python keeps no trace of them at run time, so they are read from the source with ``tokenize``: the
+    ``ast`` module (``inspect.getsource`` of a class too) is not thread-safe on Python 3.11, where FFCV's loader
+    threads build ASTs of their own."""
     docs: dict[str, str] = {}
     for klass in reversed([klass for klass in cls.__mro__ if dataclasses.is_dataclass(klass)]):
-        source = io.StringIO(textwrap.dedent(inspect.getsource(klass))).readline
-        lines, line = [], []
-        for token in tokenize.generate_tokens(source):
-            if token.type == tokenize.NEWLINE:
-                lines.append(line)
-                line = []
-            elif token.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
-                line.append(token)
-        for field, after in zip(lines, lines[1:]):
+        body = _class_body(klass)
+        for field, after in zip(body, body[1:]):
             annotated = len(field) > 1 and field[0].type == tokenize.NAME and field[1].string == ":"
             if annotated and len(after) == 1 and after[0].type == tokenize.STRING:
                 docs[field[0].string] = " ".join(_string_value(after[0].string).split())
     return docs
+
+
+def _class_body(klass: type) -> list[list[tokenize.TokenInfo]]:
+    """The logical lines directly inside the top-level class ``klass`` of its module, as tokens."""
+    source = Path(inspect.getsourcefile(klass)).read_text()
+    body, line, depth, line_depth, inside = [], [], 0, 0, False
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.INDENT:
+            depth += 1
+        elif token.type == tokenize.DEDENT:
+            depth -= 1
+        elif token.type == tokenize.NEWLINE:
+            if line_depth == 0 and inside:
+                break
+            if line_depth == 0 and [t.string for t in line[:2]] == ["class", klass.__name__]:
+                inside = True
+            elif inside and line_depth == 1:
+                body.append(line)
+            line = []
+        elif token.type not in (tokenize.NL, tokenize.COMMENT):
+            if not line:
+                line_depth = depth
+            line.append(token)
+    return body
 
 
 def _string_value(literal: str) -> str:
