@@ -8,7 +8,6 @@ and hashes.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from smim_dist.config_loading import ConfigError, build, merge, override_tree, read_chain
+from smim_dist.config_loading import ConfigError, build, merge, not_one_of, override_tree, read_chain
 from smim_dist.files import write_atomic
 from smim_dist.vit_sizes import VIT_SIZES, image_grid
 
@@ -300,10 +299,9 @@ def validate(cfg: Config) -> None:
     for key, options in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in options:
-            near = difflib.get_close_matches(str(value), options, n=1)
-            raise ConfigError(f"{key}={value!r} is not one of {list(options)}"
-                              + (f"; did you mean {near[0]!r}?" if near else ""))
+        problem = not_one_of(value, options)
+        if problem:
+            raise ConfigError(f"{key}={problem}")
     try:
         num_patches = cfg.model.num_patches
     except ValueError as err:

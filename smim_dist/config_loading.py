@@ -10,6 +10,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+
+
+def not_one_of(value: Any, choices: Sequence[str]) -> str | None:
+    """None for one of ``choices``, else what is wrong with a hint at the nearest choice."""
+    if value in choices:
+        return None
+    near = difflib.get_close_matches(str(value), choices, n=1)
+    return f"{value!r} is not one of {', '.join(choices)}" + (f"; did you mean {near[0]!r}?" if near else "")
 
 
 def build(cls: type, values: dict[str, Any], where: str, origin: str) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import inspect
 import io
 import tokenize
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from smim_dist.config import SHIPPED_CONFIGS, find_config
-from smim_dist.config_loading import ConfigError, build, read_chain
+from smim_dist.config_loading import ConfigError, build, not_one_of, read_chain
 
 T = TypeVar("T")
 OVERRIDES = "overrides"
@@ -86,16 +85,9 @@ def _string_value(literal: str) -> str:
     return body[len(quote):-len(quote)]
 
 
-def _not_a_choice(value: Any, choices: Sequence[str]) -> str | None:
-    if value in choices:
-        return None
-    near = difflib.get_close_matches(str(value), choices, n=1)
-    return f"{value!r} is not one of {', '.join(choices)}" + (f"; did you mean {near[0]!r}?" if near else "")
-
-
 def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        problem = _not_a_choice(text, choices)
+        problem = not_one_of(text, choices)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return text
@@ -149,7 +141,7 @@ def load_options(cls: type, config: Path | None, given: dict[str, Any]) -> tuple
     from_file = build(schema, read_chain(path, schema), "", str(path))
     for field in dataclasses.fields(cls):
         choices = field.metadata.get("choices")
-        problem = choices and _not_a_choice(getattr(from_file, field.name), choices)
+        problem = choices and not_one_of(getattr(from_file, field.name), choices)
         if problem:
             raise ConfigError(f"{path}: {field.name}: {problem}")
     options = cls(**{field.name: getattr(from_file, field.name) for field in dataclasses.fields(cls)})
