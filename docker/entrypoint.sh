@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The image's entrypoint: sets up what smim_dist needs at run time, then execs the command it is given, so that the
-# command receives SIGTERM (docker stop, Kubernetes, SLURM) directly. See README, "Containers".
+# command receives SIGTERM (docker stop, Kubernetes, SLURM) directly. See docs/launching.md, "Containers".
 set -euo pipefail
 
 usage() {
@@ -11,7 +11,7 @@ The commands are the same as outside the container, run from /opt/smim_dist, for
   python launchers/local.py --nproc 8 --config configs/beit_proxy.yaml data.path=/data/in1k_train.beton
   smim-eval knn --checkpoint runs/demo_cpu
   torchrun --nnodes 2 --nproc_per_node 8 ... -m smim_dist.train --config ...
-Mount data and runs: -v /data:/data -v "$PWD/runs":/opt/smim_dist/runs (README, "Containers").
+Mount data and runs: -v /data:/data -v "$PWD/runs":/opt/smim_dist/runs (docs/launching.md, "Containers").
 EOF
 }
 case "${1:-}" in ""|-h|--help) usage; exit 0 ;; esac

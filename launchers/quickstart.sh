@@ -50,7 +50,8 @@ fi
 log "lint (ruff, configured in pyproject.toml)"
 .venv/bin/ruff check --quiet smim_dist launchers bench tests || exit 1
 set +e
-.venv/bin/python -m pytest --full "$@"
+# two workers; tests sharing the SLURM cluster or a module's reference runs stay on one (tests/conftest.py)
+.venv/bin/python -m pytest --full -n 2 --dist loadgroup "$@"
 status=$?
 [ $status -eq 5 ] && { log "pytest collected no tests: that is a failure"; exit 1; }
 exit $status

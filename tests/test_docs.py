@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_in_process
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
@@ -81,7 +81,6 @@ SIZES = {
     "finetune": "--epochs 2 --warmup-epochs 1 --batch-size 16",
     "upernet": "--iters 2 --warmup-iters 1 --batch-size 4 --crop-size 32",
     "attention": "--layer 1 --images 4 --query 1,1",
-    "bench/reproduce_small.py": "--seeds 0 --epochs 1 --images 64 --probe-epochs 2 --seg-epochs 1",
     "bench/step.py": "--sizes micro --img 32 --batch 4 --warmup 1 --rounds 1 --steps 1",
 }
 """flags appended to an evaluation protocol's or a benchmark's command (the last value of a flag wins): the tiny
@@ -159,7 +158,13 @@ def in_process(main: Callable[[list[str]], int], argv: list[str], cwd: Path) -> 
 
 
 def run_training(command: Command, ws: Workspace) -> None:
-    run(ws.adapt(command.argv, training=True), ws.root)
+    """``smim-train`` in this process, as tests/test_train.py runs it (its paths are absolute once adapted); the
+    launchers start their processes."""
+    argv = ws.adapt(command.argv, training=True)
+    if argv[0] == "smim-train":
+        train_in_process(argv[1:])
+    else:
+        run(argv, ws.root)
 
 
 def run_cli(command: Command, ws: Workspace) -> None:
@@ -200,6 +205,12 @@ def covered_by_the_journey(command: Command, ws: Workspace) -> None:
     assert command.text == DEMO_COMMAND, "tests/test_journeys.py runs the quick start's demo command"
 
 
+def covered_by_the_learning_test(command: Command, ws: Workspace) -> None:
+    from test_reproduce_small import LEARNING_RUN
+
+    assert command.argv[1:] == LEARNING_RUN[:1], "tests/test_reproduce_small.py runs the experiment at its smallest"
+
+
 def run_by_ci(command: Command, ws: Workspace) -> None:
     assert command.text in (REPO / ".ci" / "run").read_text(), ".ci/run runs the quick start's test command"
 
@@ -228,7 +239,9 @@ RULES: list[tuple[str, Callable[[Command, Workspace], None]]] = [
                                                                                              ws.root)),
     (r"(docker|apptainer) .*", needs_a_container_engine),
     (r"python bench/step\.py .*--dtype bf16.*", needs_a_gpu),
-    (r"python bench/\w+\.py(?!.*--dtype bf16)( .*)?", lambda command, ws: run(ws.adapt(command.argv), ws.root)),
+    (r"python bench/reproduce_small\.py", covered_by_the_learning_test),
+    (r"python bench/(?!reproduce_small)\w+\.py(?!.*--dtype bf16)( .*)?", lambda command, ws: run(ws.adapt(command.argv),
+                                                                                               ws.root)),
 ]
 
 
@@ -239,6 +252,8 @@ def rule_for(command: Command) -> Callable[[Command, Workspace], None]:
 
 
 COMMANDS = documented_commands()
+DISTINCT = [command for i, command in enumerate(COMMANDS) if command.text not in {c.text for c in COMMANDS[:i]}]
+"""each command text run once, where it first appears: the README repeats a few of the docs pages' commands"""
 
 
 def test_every_documented_command_has_a_way_to_run():
@@ -248,9 +263,25 @@ def test_every_documented_command_has_a_way_to_run():
         assert "..." not in command.text, f"{command.source}: `{command.text}` cannot be copied as it is"
 
 
-@pytest.fixture(scope="module")
-def shared_data(tmp_path_factory, demo_data) -> Path:
-    """What the commands read and never change: PascalVOC and ADE20K trees, DALL-E weights, an image file."""
+def local_links(doc: Path) -> list[str]:
+    """The targets of a page's markdown links to files of this repository, anchors dropped."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", doc.read_text())
+    return [target.partition("#")[0] for target in targets if not re.match(r"[a-z]+:|#", target)]
+
+
+def test_the_readme_is_short_and_indexes_every_docs_page():
+    readme = REPO / "README.md"
+    assert len(readme.read_text().splitlines()) <= 200, "README.md is the overview: reference goes to docs/"
+    assert {f"docs/{page.name}" for page in DOCS[1:]} <= set(local_links(readme)), "README's Docs index misses a page"
+    for doc in DOCS:
+        for target in local_links(doc):
+            assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)} links {target}, which does not exist"
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory, tiny_run, demo_data) -> Path:
+    """What the commands read and never change: PascalVOC and ADE20K trees (from the demo set the tiny run built),
+    DALL-E weights, an image file."""
     from test_dalle import dall_e_encoder
     from test_linear_seg import voc_tree
     from test_upernet import ade_tree
@@ -283,6 +314,6 @@ def workspace(tmp_path, shared_data, tiny_run, demo_data) -> Workspace:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.source}" for c in COMMANDS])
+@pytest.mark.parametrize("command", DISTINCT, ids=[f"{c.source}" for c in DISTINCT])
 def test_the_documented_command_runs(command, workspace):
     rule_for(command)(command, workspace)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import losses, run_cli, tiny_overrides, train_cli
+from conftest import engine_overrides, losses, run_cli, train_cli
 from smim_dist.engine.checkpoint import checkpoint_problem, newest_valid_tag
 from smim_dist.engine.checkpoint import consolidated_state_dict
 
@@ -31,7 +31,7 @@ def final_weights(run_dir):
 def uninterrupted(tmp_path_factory, demo_data):
     """The loss curve and final fp32 weights of the run never stopped (ZeRO-1, 1 process)."""
     run = tmp_path_factory.mktemp("elastic") / "straight"
-    train_cli(1, TINY_CONFIG, tiny_overrides(run.parent, demo_data, "run_name=straight"))
+    train_cli(1, TINY_CONFIG, engine_overrides(run.parent, demo_data, "run_name=straight"))
     return losses(run), final_weights(run)
 
 
@@ -42,8 +42,8 @@ def test_stopped_run_resumes_on_other_world_sizes(tmp_path, demo_data, uninterru
     """4 steps per epoch: the stops at steps 6 and 7 fall inside epoch 2, so the micro-batches consumed there are
     converted to the new split of global batch 16: ZeRO 1 changes the accumulation (8 x 2 x 1 = 8 x 1 x 2), ZeRO 3,
     with at most 16 per rank, the micro-batch size (16 x 1 x 1 = 8 x 1 x 2)."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=elastic", f"engine.zero_stage={stage}",
-                               f"optim.micro_batch={micro_batch}")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=elastic", f"engine.zero_stage={stage}",
+                                 f"optim.micro_batch={micro_batch}")
     checkpoints = tmp_path / "elastic" / "checkpoints"
     resumed_tags, before = [], None
     for nproc, steps in legs:

@@ -14,7 +14,7 @@ from smim_dist.models.mim import MIMModel
 from smim_dist.models.timm_export import create_timm_encoder, encoder_state_dict, timm_kwargs
 from smim_dist.targets.build import build_target
 
-from conftest import run_cli, tiny_overrides, train_cli
+from conftest import engine_overrides, run_cli, tiny_overrides, train_cli
 
 
 def check_export(run, out, export_output: str) -> None:
@@ -47,7 +47,7 @@ def test_the_tiny_run_exports_to_timm_with_its_features(run_dir, tmp_path, capsy
 def test_export_any_zero_stage_to_timm(tmp_path, demo_data, nproc, stage):
     name = f"z{stage}"
     train_cli(nproc, "configs/demo_cpu.yaml",
-              tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1", f"engine.zero_stage={stage}"))
+              engine_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1", f"engine.zero_stage={stage}"))
     out = tmp_path / "export" / "vit.safetensors"
     check_export(tmp_path / name, out, run_cli(["-m", "smim_dist.export", str(tmp_path / name), str(out)]).stdout)
 

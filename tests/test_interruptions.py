@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, losses, tiny_overrides, train_cli
+from conftest import REPO, engine_overrides, losses, train_cli
 
 pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
 
@@ -55,7 +55,7 @@ def uninterrupted(tmp_path_factory, demo_data):
     def run(nproc: int):
         if nproc not in runs:
             out = tmp_path_factory.mktemp(f"uninterrupted{nproc}")
-            train_cli(nproc, TINY_CONFIG, tiny_overrides(out, demo_data, "run_name=straight", *RUN))
+            train_cli(nproc, TINY_CONFIG, engine_overrides(out, demo_data, "run_name=straight", *RUN))
             runs[nproc] = out / "straight"
         return runs[nproc]
 
@@ -70,7 +70,7 @@ def test_an_interrupted_run_ends_bit_identical_to_an_uninterrupted_one(uninterru
     draw = random.Random(f"{trial}/{nproc}/{kind}")
     step = draw.randint(2, STEPS - 2)
     run = tmp_path / "interrupted"
-    argv = command(nproc, tiny_overrides(tmp_path, demo_data, "run_name=interrupted", *RUN))
+    argv = command(nproc, engine_overrides(tmp_path, demo_data, "run_name=interrupted", *RUN))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, losses, tiny_overrides, train_cli
+from conftest import REPO, engine_overrides, losses, train_cli
 
 TINY_CONFIG = "configs/demo_cpu.yaml"
 spec = importlib.util.spec_from_file_location("local_launcher", REPO / "launchers" / "local.py")
@@ -50,14 +50,13 @@ def finish(nodes, logs, timeout=300):
 
 @pytest.mark.e2e
 def test_two_nodes_train_stop_on_sigterm_and_resume_like_one_node(tmp_path, demo_data):
-    """4 epochs x 4 steps, one checkpoint at the end, so the SIGTERM's is the only one before it; image files rather
-    than FFCV only because its pipeline compiles faster."""
-    common = ["optim.epochs=4", "checkpoint.every_epochs=4", "data.source=imagefolder"]
-    train_cli(2, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=one_node", *common))
+    """4 epochs x 4 steps, one checkpoint at the end, so the SIGTERM's is the only one before it."""
+    common = ["optim.epochs=4", "checkpoint.every_epochs=4"]
+    train_cli(2, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=one_node", *common))
     reference = losses(tmp_path / "one_node")
     assert sorted(reference) == list(range(1, 17))
 
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=two_nodes", *common)
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=two_nodes", *common)
     run = tmp_path / "two_nodes"
     nodes = start_nodes(overrides, tmp_path)
     deadline = time.monotonic() + 240

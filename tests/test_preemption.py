@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, losses, tiny_overrides, train_cli
+from conftest import REPO, engine_overrides, losses, train_cli
 
 pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
 
@@ -45,8 +45,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(tmp_p
     """SIGTERM is what torchrun, Kubernetes and SLURM's scancel send; SIGUSR2 takes the same path (tests/slurm)."""
     sig = signal.SIGTERM
     common = ["optim.epochs=6", "checkpoint.every_epochs=6"]
-    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=signalled", *common)
+    train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=signalled", *common)
     run = tmp_path / "signalled"
     process = start_training(overrides)
     wait_for_step(run, 3, process)
@@ -69,8 +69,8 @@ def test_steps_trained_again_after_a_kill_are_recorded_once(tmp_path, demo_data)
     """SIGKILL at step 6 or later, the checkpoint at step 4: the resumed run trains steps 5-6 again, and
     metrics.jsonl (like anything that reads it) has each step once, with the uninterrupted run's values."""
     common = ["optim.epochs=3", "checkpoint.every_epochs=1"]
-    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=killed", *common)
+    train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=killed", *common)
     run = tmp_path / "killed"
     process = start_training(overrides)
     wait_for_step(run, 6, process)
@@ -93,7 +93,7 @@ def files_and_times(run):
 
 
 def test_only_damaged_checkpoints_stop_the_run_unless_a_fresh_start_is_asked_for(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=ruined", "optim.epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=ruined", "optim.epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
     run = tmp_path / "ruined"
     for manifest in (run / "checkpoints").glob("*/manifest.json"):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, run_cli, tiny_overrides, train_cli
+from conftest import REPO, engine_overrides, run_cli, tiny_overrides, train_cli
 from smim_dist.config import ConfigError, load_config
 from smim_dist.engine.checkpoint import newest_valid_tag
 from smim_dist.engine.run_dir import check_run_dir
@@ -159,8 +160,8 @@ def wait_for_rows(run: Path, rows: int, process: subprocess.Popen, timeout: floa
 
 @pytest.mark.e2e
 def test_a_second_training_of_the_same_run_directory_is_refused_with_the_holder(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=busy", "optim.epochs=4")
-    first = start(["tests/scripts/train_with_faults.py", "--slow-loader-rank", "0", "--loader-delay", "2",
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=busy", "optim.epochs=100")
+    first = start(["tests/scripts/train_with_faults.py", "--slow-loader-rank", "0", "--loader-delay", "0.5",
                    "--config", TINY_CONFIG, *overrides])
     wait_for_rows(tmp_path / "busy", 1, first)
     holder = f"is being trained by pid {first.pid} on {socket.gethostname()}"
@@ -168,16 +169,18 @@ def test_a_second_training_of_the_same_run_directory_is_refused_with_the_holder(
     assert second.returncode == 2 and holder in second.stderr, second.stderr[-3000:]
     launcher = run_cli(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides], check=False)
     assert launcher.returncode == 2 and holder in launcher.stderr, "refused before any worker starts"
+    assert first.poll() is None, "the first training held the run directory throughout"
+    first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr[-3000:]
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     rows = [json.loads(line)["step"] for line in (tmp_path / "busy" / "metrics.jsonl").read_text().splitlines()]
-    assert rows == list(range(1, 17)), "one writer"
+    assert rows == list(range(1, len(rows) + 1)), "one writer"
 
 
 @pytest.mark.e2e
 def test_workers_stop_with_a_checkpoint_when_their_launcher_is_killed(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=orphans", "optim.epochs=30", "checkpoint.every_epochs=30",
-                               "log.every_steps=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=orphans", "optim.epochs=30",
+                                 "checkpoint.every_epochs=30", "log.every_steps=1")
     launcher = start(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides])
     run = tmp_path / "orphans"
     wait_for_rows(run, 3, launcher)

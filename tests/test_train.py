@@ -10,7 +10,7 @@ import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
+from conftest import REPO, engine_overrides, losses, run_cli, tiny_overrides, train_cli
 from smim_dist.config import ConfigError, load_config
 from smim_dist.engine.stop_signals import STOP_SIGNALS
 from smim_dist.models.flops import forward_flops
@@ -30,7 +30,7 @@ def snapshot(directory):
 def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
     """Losses match; so do the gradient norms of DeepSpeed's ZeRO 3 and of AdamW's hook, which under ZeRO 2 sums both
     ranks' partitions and under ZeRO 0 (one process or two) takes the already averaged gradients as they are."""
-    base = tiny_overrides(tmp_path, demo_data)
+    base = engine_overrides(tmp_path, demo_data)
     train_cli(1, TINY_CONFIG, [*base, "run_name=single", "engine.zero_stage=0"])
     reference = losses(tmp_path / "single")
     assert sorted(reference) == list(range(1, 9)), "2 epochs x 4 steps, logged every step"
@@ -53,7 +53,7 @@ def test_zero_stages_on_two_processes_match_one_process(tmp_path, demo_data):
 def test_overlapped_all_reduce_trains_as_the_one_after_the_backward(tmp_path, demo_data, stage):
     """``engine.overlap_comm`` reduces buckets of a quarter of the model during the backward, here on 2 processes
     with 2 accumulation micro-steps (ZeRO 1 reduces at the last one only, ZeRO 2 at each)."""
-    base = tiny_overrides(tmp_path, demo_data, f"engine.zero_stage={stage}", "optim.micro_batch=4")
+    base = engine_overrides(tmp_path, demo_data, f"engine.zero_stage={stage}", "optim.micro_batch=4")
     curves = {}
     for overlap in (False, True):
         name = f"overlap_{overlap}"
@@ -67,7 +67,7 @@ def test_overlapped_all_reduce_trains_as_the_one_after_the_backward(tmp_path, de
 
 @pytest.mark.e2e
 def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=nan")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=nan")
     train_with_faults(2, ["--nan-calls", "2,3"], overrides)
     records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9)), "every step is taken, the skipped ones included"
@@ -79,7 +79,7 @@ def test_nan_on_one_rank_skips_that_step_on_all_ranks(tmp_path, demo_data):
 def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
     """Rank 1's loader sleeps before each batch; rank 0 then waits in the collectives, not for data, so only the
     gathered per-rank figures can show which loader holds the run back."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=slow", "log.every_steps=2")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=slow", "log.every_steps=2")
     run = train_with_faults(2, ["--slow-loader-rank", "1", "--loader-delay", "0.3"], overrides)
     records = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4
@@ -92,8 +92,8 @@ def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
 
 @pytest.mark.e2e
 def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=diverge", "engine.max_bad_steps=3",
-                               "checkpoint.every_epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=diverge", "engine.max_bad_steps=3",
+                                 "checkpoint.every_epochs=1")
     proc = train_with_faults(1, ["--nan-calls", "9+"], overrides, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 steps in a row had a non-finite loss" in proc.stderr and "engine.max_bad_steps=3" in proc.stderr
@@ -106,8 +106,8 @@ def test_repeated_nan_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
 def test_a_diverged_run_never_checkpoints_its_weights(tmp_path, demo_data):
     """lr 1e30: the first update leaves huge but finite weights, every later loss is not finite; no checkpoint of
     them is written, and the run ends with status 3 rather than 0."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=huge", "optim.lr=1e30", "optim.warmup_epochs=0",
-                               "checkpoint.every_epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=huge", "optim.lr=1e30", "optim.warmup_epochs=0",
+                                 "checkpoint.every_epochs=1")
     proc = train_cli(1, TINY_CONFIG, overrides, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "checkpoint at step 4 not written: the last step's loss was not finite" in proc.stderr
@@ -117,8 +117,8 @@ def test_a_diverged_run_never_checkpoints_its_weights(tmp_path, demo_data):
 
 @pytest.mark.e2e
 def test_a_non_finite_optimizer_moment_is_never_checkpointed(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=moment", "checkpoint.every_epochs=1",
-                               "engine.zero_stage=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=moment", "checkpoint.every_epochs=1",
+                                 "engine.zero_stage=1")
     proc = train_with_faults(1, ["--poison-moment-after", "6"], overrides, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "checkpoint at step 8 not written: some weights or optimizer moments are not finite" in proc.stderr
@@ -131,8 +131,8 @@ def test_a_non_finite_optimizer_moment_is_never_checkpointed(tmp_path, demo_data
 @pytest.mark.e2e
 def test_bad_steps_between_two_host_reads_are_still_caught(tmp_path, demo_data):
     """With a read every 4 steps, steps 5-6 are skipped and 7-8 recover before the read at step 8: still 2 in a row."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=between", "engine.max_bad_steps=2",
-                               "engine.check_every_steps=4", "log.every_steps=4")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=between", "engine.max_bad_steps=2",
+                                 "engine.check_every_steps=4", "log.every_steps=4")
     proc = train_with_faults(1, ["--nan-calls", "8,10"], overrides, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "2 steps in a row had a non-finite loss (engine.max_bad_steps=2) by step 8" in proc.stderr
@@ -165,7 +165,7 @@ def test_demo_config_end_to_end(tmp_path, demo_data):
 
 @pytest.mark.e2e
 def test_rerun_with_other_config_refuses_and_changes_nothing(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=taken", "optim.epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=taken", "optim.epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
     before = snapshot(tmp_path / "taken")
     proc = train_cli(1, TINY_CONFIG, [*overrides, "optim.lr=0.1"], check=False)
@@ -181,7 +181,7 @@ def test_unsupported_precision_names_what_is_supported(tmp_path, demo_data):
     missing = [name for name, ok in supported.items() if not ok]
     if not missing:
         pytest.skip("this device supports every precision")
-    proc = train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"engine.precision={missing[0]}"),
+    proc = train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, f"engine.precision={missing[0]}"),
                      check=False)
     assert proc.returncode == 2
     assert f"engine.precision={missing[0]} is not supported" in proc.stderr and "supported here: fp32" in proc.stderr
@@ -220,8 +220,8 @@ def test_beit_target_trains_end_to_end(tmp_path, demo_data):
 
     weights = tmp_path / "dalle_encoder.pt"
     torch.save(DalleEncoder().state_dict(), weights)
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=beit", "target.kind=beit",
-                               f"target.tokenizer_path={weights}", "model.patch_size=16", "optim.epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=beit", "target.kind=beit",
+                                 f"target.tokenizer_path={weights}", "model.patch_size=16", "optim.epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
     got = losses(tmp_path / "beit")
     assert len(got) == 4 and all(7.0 < loss < 10.0 for loss in got.values()), "cross-entropy over 8192 codes"
@@ -249,8 +249,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, demo_data):
 @pytest.mark.e2e
 def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_data):
     common = ["checkpoint.every_epochs=1", "log.wandb_mode=offline"]
-    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=straight", *common))
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=crashed", *common, "engine.max_bad_steps=1")
+    train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=crashed", *common, "engine.max_bad_steps=1")
     crash = train_with_faults(1, ["--nan-calls", "8"], overrides, check=False)
     assert crash.returncode == 3
     run = tmp_path / "crashed"
@@ -266,8 +266,8 @@ def test_crashed_run_resumes_exactly_and_continues_the_wandb_run(tmp_path, demo_
 @pytest.mark.e2e
 def test_compiled_model_trains_like_eager(tmp_path, demo_data):
     for name, flag in (("eager", "false"), ("compiled", "true")):
-        train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1",
-                                                 f"engine.compile={flag}"))
+        train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, f"run_name={name}", "optim.epochs=1",
+                                                   f"engine.compile={flag}"))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
 
 
@@ -275,9 +275,9 @@ def test_compiled_model_trains_like_eager(tmp_path, demo_data):
 def test_profiled_steps_leave_a_trace_on_every_rank_and_train_the_same(tmp_path, demo_data):
     """Steps 3-6 of 8 (across the epoch boundary) traced on 2 ranks: each rank's trace holds those steps and the
     model's operators, and the losses are an unprofiled run's."""
-    train_cli(1, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=plain"))
-    run = train_cli(2, TINY_CONFIG, tiny_overrides(tmp_path, demo_data, "run_name=profiled", "log.profile_steps=4",
-                                                   "log.profile_from_step=3"))
+    train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=plain"))
+    run = train_cli(2, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=profiled", "log.profile_steps=4",
+                                                     "log.profile_from_step=3"))
     assert losses(tmp_path / "profiled") == pytest.approx(losses(tmp_path / "plain"), rel=2e-4)
     profile = tmp_path / "profiled" / "profile"
     assert f"profile: rank 0's trace {profile / 'rank00000_steps3-6.json.gz'}" in run.stderr
@@ -293,7 +293,7 @@ def test_profiled_steps_leave_a_trace_on_every_rank_and_train_the_same(tmp_path,
 
 @pytest.mark.e2e
 def test_a_profile_window_cut_by_a_stop_is_written_and_the_resumed_run_traces_the_rest(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=cut", "log.profile_steps=4", "log.profile_from_step=3")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=cut", "log.profile_steps=4", "log.profile_from_step=3")
     train_with_faults(1, ["--stop-after", "4"], overrides)
     train_cli(1, TINY_CONFIG, overrides)
     traces = sorted(path.name for path in (tmp_path / "cut" / "profile").glob("*.json.gz"))
@@ -302,8 +302,8 @@ def test_a_profile_window_cut_by_a_stop_is_written_and_the_resumed_run_traces_th
 
 @pytest.mark.e2e
 def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=prune", "optim.epochs=3", "checkpoint.every_epochs=1",
-                               "checkpoint.keep_last=1", "checkpoint.keep_every_epochs=2", "log.every_steps=4")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=prune", "optim.epochs=3", "checkpoint.every_epochs=1",
+                                 "checkpoint.keep_last=1", "checkpoint.keep_every_epochs=2", "log.every_steps=4")
     train_cli(1, TINY_CONFIG, overrides)
     checkpoints = tmp_path / "prune" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000008", "step_00000012"]
@@ -348,7 +348,7 @@ def test_webdataset_spec_without_shards_is_refused(tmp_path, demo_data, process_
 
 @pytest.mark.e2e
 def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumed(tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=damaged", "checkpoint.every_epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=damaged", "checkpoint.every_epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
     run = tmp_path / "damaged"
     reference = losses(run)
@@ -373,7 +373,7 @@ def test_overrides_may_surround_the_flags():
 def test_a_resume_that_changes_harmless_settings_saves_them_and_records_the_change(tmp_path, demo_data):
     """Evaluation jobs read the saved config while retention reads the live one: a setting changed on resume (here
     the log interval and the checkpoints kept) must reach the saved config, with a record of when it changed."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=changed", "optim.epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=changed", "optim.epochs=1")
     train_cli(1, TINY_CONFIG, overrides)
     run = tmp_path / "changed"
     changed = [*overrides, "log.every_steps=2", "checkpoint.keep_last=7"]

@@ -5,7 +5,7 @@ Two models are given. ``appendix_c_block_macs`` is the paper's per-block cost mo
 every matrix multiply this package's modules actually run, and matches ``torch.utils.flop_counter``. The two differ in
 the reconstruction block: the paper charges its key/value projection of [PROXY, MASK] as one D x D map, (L1 + L2) D^2,
 while a cross-attention has separate key and value maps, 2 (L1 + L2) D^2. With that counted, SemanticMIM pre-training
-costs slightly *more* than vanilla MIM (see the README's FLOPs table).
+costs slightly *more* than vanilla MIM (see the FLOPs table in docs/model.md).
 """
 
 from __future__ import annotations

@@ -107,11 +107,11 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm
 
 
 def test_time_limit_checkpoints_requeues_and_stops_at_the_requeue_cap(slurm_cluster, tmp_path, demo_data):
-    """--time 3 --signal-delay 60: USR2 one to two minutes in (SLURM may send it up to 60 s early), twice; the second
-    time --max-requeues 1 is spent."""
+    """--time 2 --signal-delay 60: USR2 30 to 60 s in (slurmctld looks at time limits every 30 s and may send it up
+    to 60 s early), twice; the second time --max-requeues 1 is spent."""
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=limited", "optim.epochs=5000", "log.every_steps=50",
                                "checkpoint.every_epochs=5000")
-    job_id = submit("--config", CONFIG, *TWO_CPU_TASKS, "--time", "3", "--signal-delay", "60", "--max-requeues", "1",
+    job_id = submit("--config", CONFIG, *TWO_CPU_TASKS, "--time", "2", "--signal-delay", "60", "--max-requeues", "1",
                     *overrides)
     run = tmp_path / "limited"
     wait_until_gone(job_id, slurm_cluster, timeout=600)
