@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import io
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,13 +29,12 @@ from smim_dist.engine.run_dir import check_run_dir
 from smim_dist.engine.run_lock import check_free
 from smim_dist.eval.jobs import SlurmEvalJobs, eval_job_script
 from smim_dist.slurm_batch import setup_lines, teardown_lines
-from smim_dist.slurm_cluster import controller_problem, find_partition, slurm_minutes, test_only
+from smim_dist.slurm_cluster import (JOB_FOLDER, JOB_ID_FILE, controller_problem, find_partition, queued_state,
+                                     slurm_minutes, test_only)
 from smim_dist.slurm_container import (CONTAINER_PYTHON, CONTAINER_WORKDIR, container_args, container_overrides,
                                        enroot_image_hint)
 from smim_dist.slurm_job import TrainJob
 
-JOB_FOLDER = "slurm"
-JOB_ID_FILE = "job_id"
 
 
 class NotSubmitted(Exception):
@@ -177,11 +175,11 @@ def check_run(cfg: Config, world_size: int) -> str | None:
     submitting, for a finished run."""
     cfg.optim.accumulation_steps(world_size)
     id_file = cfg.run_dir / JOB_FOLDER / JOB_ID_FILE  # before the run directory's config: a queued job has none yet
-    if id_file.exists() and shutil.which("squeue"):
+    if id_file.exists():
         job_id = id_file.read_text().strip()
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-        if state.strip():
-            raise NotSubmitted(f"job {job_id} ({state.strip()}) is already training {cfg.run_dir}; wait for it or "
+        state = queued_state(job_id)
+        if state:
+            raise NotSubmitted(f"job {job_id} ({state}) is already training {cfg.run_dir}; wait for it or "
                                f"`scancel {job_id}` first (its checkpoint is kept, and this command resumes it)")
     try:
         check_free(cfg.run_dir)

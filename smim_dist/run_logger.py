@@ -1,5 +1,7 @@
 """Run metrics to ``metrics.jsonl``, wandb (offline by default) and a progress bar, all from rank 0 only; messages
-through the standard ``logging`` module (logger ``smim_dist``), timestamped on stderr and kept clear of the bar.
+through the standard ``logging`` module (logger ``smim_dist``), timestamped on stderr and kept clear of the bar. The
+bar is drawn on a terminal only: under SLURM or with the output redirected its carriage returns would fill the log
+with fragments, and the periodic line carries the progress and the ETA instead.
 
 ``metrics.jsonl`` is the record of truth (one JSON object per line, appended and flushed, so a preempted run loses at
 most the line being written); wandb mirrors it and resumes the same wandb run after a restart, through the id kept
@@ -25,6 +27,19 @@ from smim_dist.files import write_atomic
 
 WANDB_ID_FILE = "wandb_run_id"
 LOG = logging.getLogger("smim_dist")
+
+
+def duration(seconds: float | None) -> str:
+    """``42s``, ``7m05s``, ``3h20m``, ``2d04h``: an ETA at a glance."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes}m{seconds % 60:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes < 1440 else f"{minutes // 1440}d{minutes // 60 % 24:02d}h"
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -68,6 +83,8 @@ class RunLogger:
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.bar = None
+        self.total_steps = total_steps
+        self.first_logged: tuple[int, float] | None = None
         if not is_main:
             return
         self.handler = logging.StreamHandler(sys.stderr)
@@ -83,10 +100,9 @@ class RunLogger:
                 project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, group=cfg.log.wandb_group or cfg.run_name,
                 name=cfg.run_name, id=_wandb_id(cfg.run_dir), resume="allow", mode=cfg.log.wandb_mode,
                 dir=str(cfg.run_dir), config=cfg.to_dict())
-        if cfg.log.progress:
-            interactive = sys.stderr.isatty()
+        if cfg.log.progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            smoothing=0.05, mininterval=0.5 if interactive else 60.0)
+                            smoothing=0.05, mininterval=0.5)
             self.redirect = logging_redirect_tqdm([LOG])
             self.redirect.__enter__()
 
@@ -104,9 +120,17 @@ class RunLogger:
             if postfix:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
 
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the pace since the first step this process logged (past compilation and warm-up)."""
+        if self.first_logged is None or step <= self.first_logged[0]:
+            return None
+        first_step, first_time = self.first_logged
+        return (time.time() - first_time) / (step - first_step) * max(self.total_steps - step, 0)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
+        self.first_logged = self.first_logged or (step, time.time())
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self.metrics_file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:

@@ -8,9 +8,15 @@ partition's time limit is read from ``scontrol``. Each refusal says what the par
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+
+JOB_FOLDER = "slurm"
+"""a run directory's folder for its SLURM training job: submitit's files and logs, and ``JOB_ID_FILE``"""
+JOB_ID_FILE = "job_id"
+"""the training job's id, written by the launcher at submission"""
 
 TIME_FORMATS = (
     (r"(\d+)", (60,)),
@@ -87,3 +93,20 @@ def test_only(script: str) -> str | None:
     if proc.returncode == 0:
         return None
     return " ".join(line.removeprefix("sbatch: error: ").strip() for line in proc.stderr.splitlines() if line.strip())
+
+
+def queued_state(job_id: str) -> str | None:
+    """The job's state while the controller holds it (PENDING, RUNNING, REQUEUED, ...); None once it has left the
+    queue, or where no SLURM client is installed."""
+    if not shutil.which("squeue"):
+        return None
+    return _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).stdout.strip() or None
+
+
+def job_history(job_id: str) -> list[str]:
+    """The state of each attempt of the job, oldest first (sacct: a requeued attempt is REQUEUED, a preempted one
+    PREEMPTED); empty where accounting does not answer."""
+    if not shutil.which("sacct"):
+        return []
+    proc = _run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"])
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,11 @@ TINY = [
 ]
 """Sizes shrunk to seconds of training; wandb stays at its default (offline). The progress bar is off so that the
 captured logs hold whole lines; the journey tests (tests/test_journeys.py) run it as shipped."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)  # two workers on two cores: more threads per worker would only wait for each other
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -129,10 +135,10 @@ def tiny_overrides(tmp_path: Path, demo_data: Path, *extra: str) -> list[str]:
 
 def engine_overrides(tmp_path: Path, demo_data: Path, *extra: str) -> list[str]:
     """``tiny_overrides`` reading the demo's image tree instead of its FFCV file, for the tests of the engine, the
-    launchers and interruptions, which start new processes: FFCV's numba compile costs each new process about 12 s of
-    CPU, and the loader does not matter to what they test. The shipped default, FFCV, is trained on by the tiny run,
-    tests/test_ffcv_loader.py, the FFCV cases of test_mid_epoch_resume_after_a_skipped_step_is_exact, the journeys,
-    the docs commands and the SLURM tests."""
+    launchers, interruptions and SLURM jobs, which start new processes: FFCV's numba compile costs each new process
+    about 12 s of CPU, and the loader does not matter to what they test. The shipped default, FFCV, is trained on by
+    the tiny run, tests/test_ffcv_loader.py, the FFCV cases of test_mid_epoch_resume_after_a_skipped_step_is_exact,
+    the journeys (local and SLURM) and the docs commands."""
     return tiny_overrides(tmp_path, demo_data, "data.source=imagefolder", *extra)
 
 
@@ -201,12 +207,11 @@ def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:
     return {r["step"]: r[metric] for r in records}
 
 
-def wandb_offline_history(folder: Path) -> list[dict]:
-    """The rows logged to each offline wandb run under ``folder`` (its ``wandb/offline-run-*/run-*.wandb`` files),
-    read from wandb's record log (LevelDB's log format: 32 KiB blocks of checksum, length, type + a protobuf)."""
+def wandb_offline_records(folder: Path) -> Iterator:
+    """The records of each offline wandb run under ``folder`` (its ``wandb/offline-run-*/run-*.wandb`` files), read
+    from wandb's record log (LevelDB's log format: 32 KiB blocks of checksum, length, type + a protobuf)."""
     from wandb.proto import wandb_internal_pb2
 
-    rows = []
     for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
         data, position, pending = path.read_bytes(), 7, b""
         while position + 7 <= len(data):
@@ -221,7 +226,16 @@ def wandb_offline_history(folder: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            yield record
+
+
+def wandb_offline_history(folder: Path) -> list[dict]:
+    """The rows logged to the offline wandb runs under ``folder``."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in wandb_offline_records(folder) if record.WhichOneof("record_type") == "history"]
+
+
+def wandb_offline_groups(folder: Path) -> set[str]:
+    """The wandb groups of the offline runs under ``folder``."""
+    records = wandb_offline_records(folder)
+    return {record.run.run_group for record in records if record.WhichOneof("record_type") == "run"}

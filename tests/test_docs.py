@@ -171,9 +171,10 @@ def run_cli(command: Command, ws: Workspace) -> None:
     from smim_dist.data.convert_cli import main as convert
     from smim_dist.eval.cli import main as evaluate
     from smim_dist.export import main as export
+    from smim_dist.status_cli import main as status
 
     argv = ws.adapt(command.argv)
-    main = {"smim-eval": evaluate, "smim-export": export, "smim-convert": convert}[argv[0]]
+    main = {"smim-eval": evaluate, "smim-export": export, "smim-convert": convert, "smim-status": status}[argv[0]]
     in_process(main, argv[1:], ws.root)
 
 
@@ -234,7 +235,7 @@ RULES: list[tuple[str, Callable[[Command, Workspace], None]]] = [
         "runs with its node 0 (the --node-rank 0 command) as one pair")),
     (r"python launchers/local\.py --nnodes 2 (--node-rank 0|--rdzv-endpoint) .*", run_node_pair),
     (r"python launchers/slurm\.py .*", run_slurm_launcher),
-    (r"smim-(eval|export|convert) .*", run_cli),
+    (r"smim-(eval|export|convert|status) .*", run_cli),
     (r"torchrun --nproc_per_node \d+ -m smim_dist\.eval\.cli .*", lambda command, ws: run(ws.adapt(command.argv),
                                                                                              ws.root)),
     (r"(docker|apptainer) .*", needs_a_container_engine),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, wandb_offline_history
+from conftest import REPO, wandb_offline_groups, wandb_offline_history
 
 pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
 
@@ -46,8 +46,13 @@ def test_the_demo_then_a_run_with_evaluation_jobs_from_a_clean_checkout(tmp_path
     run_dir = checkout / "runs" / "demo_cpu"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert [row["_step"] for row in wandb_offline_history(run_dir) if "loss" in row] == [8]
+    assert "\r" not in demo.stderr, "no progress-bar fragments when the output is not a terminal"
+    assert "step 8/8 ep 2.00 " in demo.stderr, "the log line carries the progress instead"
     again = run(f"{DEMO_COMMAND} {' '.join(SHRUNK)}", checkout)
     assert "already finished its 2 epochs; nothing to do" in again.stderr
+    status = run(".venv/bin/smim-status runs/demo_cpu --plot demo.png", checkout)
+    assert status.stdout.startswith("runs/demo_cpu: finished (no process)") and "step 8 of 8" in status.stdout
+    assert (checkout / "demo.png").read_bytes().startswith(b"\x89PNG")
 
     evaluated = run(".venv/bin/smim-train --config configs/demo_cpu.yaml run_name=demo_eval eval.every_epochs=1 "
                     f"checkpoint.every_epochs=1 {' '.join(SHRUNK)}", checkout)
@@ -61,3 +66,7 @@ def test_the_demo_then_a_run_with_evaluation_jobs_from_a_clean_checkout(tmp_path
         assert json.loads((folder / "finished.json").read_text())["ok"], (folder / "log.txt").read_text()[-3000:]
         knn = json.loads((folder / "results.json").read_text())["protocols"]["knn"]
         assert [row["eval/knn_cls_top1"] for row in wandb_offline_history(folder)] == [knn["cls"]["top1"]]
+        assert wandb_offline_groups(folder) == wandb_offline_groups(folder.parent.parent) == {"demo_eval"}
+    listed = run(".venv/bin/smim-status runs", checkout).stdout.splitlines()
+    assert [line.split()[:2] for line in listed] == [["demo_cpu", "finished"], ["demo_eval", "finished"]]
+    assert "evaluations 2 done" in listed[1]

@@ -18,7 +18,7 @@ from smim_dist.engine.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 from smim_dist.engine.schedule import cosine_lr
 from smim_dist.engine.step_profiler import StepProfiler
 from smim_dist.engine.train_step import backward_step, compute_dtype, forward_loss
-from smim_dist.run_logger import RunLogger
+from smim_dist.run_logger import RunLogger, duration
 from smim_dist.loss import image_blind_loss
 from smim_dist.models.flops import forward_flops
 from smim_dist.targets.build import MIMTarget
@@ -177,7 +177,8 @@ class EpochRunner:
                          + ("" if metrics["mfu"] is None else f"MFU {100 * metrics['mfu']:.1f}% ")
                          + f"data-wait {100 * metrics['data_wait_frac']:.0f}%"
                          + (f" (max {100 * max(waits):.0f}% on rank {metrics['data_wait_max_rank']})"
-                            if len(waits) > 1 else ""))
+                            if len(waits) > 1 else "")
+                         + (f" ETA {duration(eta)}" if (eta := self.logger.eta(state.step)) is not None else ""))
 
     def _per_rank(self, data_wait_frac: float) -> tuple[list[float], list[float]]:
         """Every rank's share of time waiting for its loader, and its peak memory. The ranks wait for each other in

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -97,7 +98,7 @@ def submit_eval(cfg: Config, tag: str, eval_slurm: SlurmEvalJobs | None) -> str:
         log.close()
     except Exception as err:  # an evaluation must never stop training
         return f"evaluation of {tag} could not be started ({type(err).__name__}: {err}); training goes on"
-    where = {"pid": process.pid, "log": str(folder / "log.txt")}
+    where = {"pid": process.pid, "host": socket.gethostname(), "log": str(folder / "log.txt")}
     (folder / SUBMITTED).write_text(json.dumps({"tag": tag, "time": time.time(), **where}) + "\n")
     return f"evaluation of {tag} started: {where}"
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, run_cli, wandb_offline_history
-from slurm.test_training import job_states, wait_for_steps, wait_until_gone
+from slurm.test_training import job_states, status, wait_for_steps, wait_until_gone
 
 pytestmark = pytest.mark.slurm
 
@@ -26,7 +26,7 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     return run_cli(["launchers/slurm.py", *args], check=False)
 
 
-def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slurm_cluster, tmp_path):
+def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slurm_cluster, tmp_path, capsys):
     command = ["--config", CONFIG, *CPU_NODES, "--time", "30", "--eval-time", "15", f"output_dir={tmp_path}",
                f"data.path={tmp_path / 'data'}", *SHRUNK, "checkpoint.every_epochs=2", "eval.every_epochs=2"]
     proc = launch(*command)
@@ -51,6 +51,15 @@ def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slu
         logged = wandb_offline_history(folder)
         assert [row["eval/knn_cls_top1"] for row in logged] == [knn["cls"]["top1"]]
     assert {row["_step"] for row in wandb_offline_history(run)} >= {16}, "training's own wandb run goes to the end"
+    report = status(str(run), "--plot", str(tmp_path / "demo.png"), capsys=capsys)
+    assert report.startswith(f"{run}: finished (slurm job {job_id} (COMPLETED))"), report
+    assert "step 16 of 16" in report and "requeued 1 time(s)" in report
+    assert (tmp_path / "demo.png").read_bytes().startswith(b"\x89PNG")
+    final = json.loads(status(str(run), "--json", capsys=capsys))
+    assert [(e["tag"], e["state"], e["job"]) for e in final["evaluations"]] == [
+        (tag, "done", f"slurm {json.loads((run / 'eval' / tag / 'submitted.json').read_text())['slurm_job']}")
+        for tag in ("step_00000008", "step_00000016")]
+    assert final["evaluations"][-1]["scores"]["knn_cls_top1"] == knn["cls"]["top1"]
     again = launch(*command)
     assert again.returncode == 0 and "already finished its 4 epochs" in again.stdout, again.stderr
     assert (run / "slurm" / "job_id").read_text().strip() == job_id, "nothing new submitted"

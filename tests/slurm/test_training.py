@@ -16,7 +16,7 @@ import pytest
 import submitit
 import torch
 
-from conftest import losses, run_cli, tiny_overrides, train_cli
+from conftest import engine_overrides, losses, run_cli, train_cli
 from test_slurm_launcher import launch
 from smim_dist.engine.checkpoint import newest_valid_tag
 
@@ -60,6 +60,14 @@ def job_states(cluster, job_id: str, settle: float = 30) -> list[str]:
         time.sleep(1)
 
 
+def status(*args: str, capsys) -> str:
+    """``smim-status``, in this process."""
+    from smim_dist.status_cli import main
+
+    assert main([*args]) == 0
+    return capsys.readouterr().out
+
+
 def rank0_log(run_dir, job_id: str) -> str:
     return (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
 
@@ -79,7 +87,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def uninterrupted(tmp_path_factory, demo_data):
     """The reference: the same run on 2 processes outside SLURM, never stopped."""
     out = tmp_path_factory.mktemp("reference")
-    train_cli(2, CONFIG, tiny_overrides(out, demo_data, "run_name=straight", *RUN))
+    train_cli(2, CONFIG, engine_overrides(out, demo_data, "run_name=straight", *RUN))
     return out / "straight"
 
 
@@ -88,7 +96,7 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm
     """SBATCH_NO_REQUEUE=1, as a site whose jobs are not requeueable by default may set it: the job asks for its
     requeue on sbatch's command line, which wins (the cluster itself runs with JobRequeue=0)."""
     monkeypatch.setenv("SBATCH_NO_REQUEUE", "1")
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=preempted", *RUN)
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=preempted", *RUN)
     job_id = submit("--config", CONFIG, *TWO_CPU_TASKS, "--time", "30", *overrides)
     run = tmp_path / "preempted"
     wait_for_steps(run, 5)
@@ -106,14 +114,18 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm
     assert_same_weights(final_weights(run), final_weights(uninterrupted))
 
 
-def test_time_limit_checkpoints_requeues_and_stops_at_the_requeue_cap(slurm_cluster, tmp_path, demo_data):
+def test_time_limit_checkpoints_requeues_and_stops_at_the_requeue_cap(slurm_cluster, tmp_path, demo_data, capsys):
     """--time 2 --signal-delay 60: USR2 30 to 60 s in (slurmctld looks at time limits every 30 s and may send it up
-    to 60 s early), twice; the second time --max-requeues 1 is spent."""
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=limited", "optim.epochs=5000", "log.every_steps=50",
-                               "checkpoint.every_epochs=5000")
+    to 60 s early), twice; the second time --max-requeues 1 is spent. smim-status sees the job train."""
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=limited", "optim.epochs=5000", "log.every_steps=10",
+                                 "checkpoint.every_epochs=5000")
     job_id = submit("--config", CONFIG, *TWO_CPU_TASKS, "--time", "2", "--signal-delay", "60", "--max-requeues", "1",
                     *overrides)
     run = tmp_path / "limited"
+    wait_for_steps(run, 2)
+    live = json.loads(status(str(run), "--json", capsys=capsys))
+    assert (live["state"], live["slurm_job"], live["total_steps"]) == ("running", job_id, 20000), live
+    assert live["where"].startswith(f"slurm job {job_id} (RUNNING), pid ") and live["eta_s"] > 0
     wait_until_gone(job_id, slurm_cluster, timeout=600)
     log = rank0_log(run, job_id)
     first, second = (int(step) for step in re.findall(r"stopped at step (\d+) on request", log))
@@ -143,7 +155,7 @@ def train_and_kill_rank1_in_second_save(job):
 
 def test_rank_killed_while_writing_a_checkpoint_then_the_rerun_resumes_from_the_previous_one(
         slurm_cluster, tmp_path, demo_data, uninterrupted):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=killed", *RUN)
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=killed", *RUN)
     launcher_args = ["--config", CONFIG, *TWO_CPU_TASKS, "--time", "30", *overrides]
     dry = run_cli(["launchers/slurm.py", *launcher_args, "--dry-run"]).stdout
     assert "--kill-on-bad-exit=1" in dry
@@ -167,8 +179,8 @@ def test_rank_killed_while_writing_a_checkpoint_then_the_rerun_resumes_from_the_
 
 
 def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=evaluated", "optim.epochs=2", "checkpoint.every_epochs=1",
-                               "eval.every_epochs=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=evaluated", "optim.epochs=2",
+                                 "checkpoint.every_epochs=1", "eval.every_epochs=1")
     job_id = submit("--config", CONFIG, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug",
                     "--time", "30", "--eval-time", "15", *overrides)
     run = tmp_path / "evaluated"
@@ -187,7 +199,7 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
 
 
 def test_a_partition_the_cluster_rejects_is_reported_and_nothing_is_left(slurm_cluster, tmp_path, demo_data):
-    overrides = tiny_overrides(tmp_path, demo_data, "run_name=rejected")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=rejected")
     proc = run_cli(["launchers/slurm.py", "--config", CONFIG, "--gpus-per-node", "0", "--partition", "nope",
                     "--time", "5", *overrides], check=False)
     assert proc.returncode == 2
