@@ -4,6 +4,7 @@ well with their scores in the offline wandb run. Sizes are shrunk through overri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -22,7 +23,11 @@ SHRUNK = ["data.demo_images=128", "optim.epochs=2", "optim.global_batch=32", "op
 
 def clean_checkout(folder: Path) -> Path:
     """The files of this checkout that git knows (committed or not, ignored ones left out), with its installed
-    environment: a clone whose setup has run."""
+    environment: a clone whose setup has run. An environment installed for other requirements would be reinstalled
+    by the quick start from the copy, pointing this checkout's editable install at a folder about to be deleted."""
+    requirements = (REPO / "pyproject.toml").read_bytes() + (REPO / "constraints.txt").read_bytes()
+    stamp = REPO / ".venv" / f".installed-{hashlib.sha256(requirements).hexdigest()[:16]}"
+    assert stamp.exists(), "the environment is older than pyproject.toml: run `bash launchers/quickstart.sh test` first"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.splitlines()
     for name in files:

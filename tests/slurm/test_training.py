@@ -164,8 +164,9 @@ def test_rank_killed_while_writing_a_checkpoint_then_the_rerun_resumes_from_the_
 
     cfg = load_config(CONFIG, overrides)
     executor = submitit.SlurmExecutor(folder=tmp_path / "killed_job")
+    # one thread, as the jobs submitted through run_cli inherit it: the reference's augmentations ran on one
     executor.update_parameters(partition="debug", nodes=1, ntasks_per_node=2, cpus_per_task=1, time=30,
-                               srun_args=["--kill-on-bad-exit=1"])
+                               srun_args=["--kill-on-bad-exit=1"], setup=["export OMP_NUM_THREADS=1"])
     job = executor.submit(train_and_kill_rank1_in_second_save, TrainJob(config=cfg.to_dict(), max_requeues=0))
     wait_until_gone(job.job_id, slurm_cluster, timeout=300)
     checkpoints = tmp_path / "killed" / "checkpoints"
