@@ -1,10 +1,10 @@
 """Runs interrupted at a random step in a random way end exactly where an uninterrupted run ends: bit-identical
 final weights and the same loss at every step, each step recorded once.
 
-Every way of interrupting runs once for each process count: SIGTERM (a checkpoint, then exit 143), SIGKILL of every
-process, and, with 2 processes, SIGKILL of one rank (torchrun's agent then ends the other), each at a step drawn
-from a seed; ``SMIM_INTERRUPTION_TRIALS=N`` adds N trials drawn whole (process count, way and step). The same
-command then runs once more and must finish the run.
+Every way of interrupting a run of 2 processes runs once: SIGTERM (a checkpoint, then exit 143), SIGKILL of every
+process, and SIGKILL of one rank (torchrun's agent then ends the other), each at a step drawn from a seed;
+``SMIM_INTERRUPTION_TRIALS=N`` adds N trials drawn whole (way and step). The same command then runs once more and
+must finish the run. One process: tests/test_preemption.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full
 TINY_CONFIG = "configs/demo_cpu.yaml"
 RUN = ["optim.epochs=3", "checkpoint.every_epochs=1", "checkpoint.keep_last=2"]
 STEPS = 12
-KINDS = {1: ("sigterm", "sigkill all"), 2: ("sigterm", "sigkill all", "sigkill one rank")}
+KINDS = {2: ("sigterm", "sigkill all", "sigkill one rank")}
 DRAWN = [(nproc, kind) for nproc, kinds in KINDS.items() for kind in kinds]
 for trial in range(int(os.environ.get("SMIM_INTERRUPTION_TRIALS", "0"))):
     draw = random.Random(f"extra/{trial}")
@@ -43,8 +43,7 @@ def final_weights(run_dir) -> dict:
 
 
 def command(nproc: int, overrides: list[str]) -> list[str]:
-    launcher = ["-m", "smim_dist.train"] if nproc == 1 else ["launchers/local.py", "--nproc", str(nproc)]
-    return [sys.executable, *launcher, "--config", TINY_CONFIG, *overrides]
+    return [sys.executable, "launchers/local.py", "--nproc", str(nproc), "--config", TINY_CONFIG, *overrides]
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,8 @@ def test_steps_trained_again_after_a_kill_are_recorded_once(tmp_path, demo_data)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 13))
     assert losses(run) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+    straight, again = final_weights(tmp_path / "straight"), final_weights(run)
+    assert all(torch.equal(straight[key], again[key]) for key in straight), "bit-identical final weights"
 
 
 def files_and_times(run):
