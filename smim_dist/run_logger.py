@@ -26,6 +26,7 @@ from smim_dist.config import Config, ConfigError
 from smim_dist.files import write_atomic
 
 WANDB_ID_FILE = "wandb_run_id"
+METRICS_FILE = "metrics.jsonl"
 LOG = logging.getLogger("smim_dist")
 
 
@@ -80,7 +81,7 @@ def check_wandb_credentials(cfg: Config) -> None:
 class RunLogger:
     def __init__(self, cfg: Config, is_main: bool, total_steps: int, start_step: int):
         self.is_main = is_main
-        self.metrics_path = cfg.run_dir / "metrics.jsonl"
+        self.metrics_path = cfg.run_dir / METRICS_FILE
         self.wandb_run = None
         self.bar = None
         self.total_steps = total_steps

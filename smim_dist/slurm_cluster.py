@@ -110,3 +110,10 @@ def job_history(job_id: str) -> list[str]:
         return []
     proc = _run(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"])
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+
+
+def job_state(job_id: str) -> str | None:
+    """The queue's state while the controller holds the job, else its newest attempt's in the accounting; None where
+    neither answers."""
+    history = job_history(job_id)
+    return queued_state(job_id) or (history[-1] if history else None)

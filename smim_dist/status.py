@@ -20,7 +20,8 @@ from smim_dist.engine.run_dir import CONFIG_FILE, read_saved_config
 from smim_dist.engine.run_lock import LOCK_FILE, STALE_AFTER, read_holder
 from smim_dist.eval.jobs import FINISHED, REFUSED, SBATCH_SCRIPT, SUBMITTED, wandb_metrics
 from smim_dist.eval.results import read_results
-from smim_dist.slurm_cluster import JOB_FOLDER, JOB_ID_FILE, job_history, queued_state
+from smim_dist.run_logger import METRICS_FILE
+from smim_dist.slurm_cluster import JOB_FOLDER, JOB_ID_FILE, job_history, job_state
 
 RECENT_STEPS = 50
 """the logged steps the throughput behind the ETA is measured over"""
@@ -68,12 +69,12 @@ class RunStatus:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() or (path / "metrics.jsonl").is_file()
+    return (path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of ``metrics.jsonl``; a row cut short by a crash mid-write is left out."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -149,9 +150,7 @@ def evaluation(folder: Path, protocols: list[str]) -> Evaluation:
     elif (folder / REFUSED).exists():
         entry.state, entry.log = "refused", str(folder / REFUSED)
     elif "slurm_job" in submitted:
-        queued = queued_state(submitted["slurm_job"])
-        history = job_history(submitted["slurm_job"])
-        entry.state = (queued or (history[-1] if history else "unknown")).lower()
+        entry.state = (job_state(submitted["slurm_job"]) or "unknown").lower()
     elif "pid" in submitted:
         here = submitted.get("host", socket.gethostname()) == socket.gethostname()
         alive = here and Path(f"/proc/{submitted['pid']}").exists()
@@ -171,16 +170,17 @@ def run_status(run_dir: Path) -> RunStatus:
         status.slurm_job = id_file.read_text().strip()
         history = job_history(status.slurm_job)
         status.requeues = history.count("REQUEUED") + history.count("PREEMPTED") if history else None
-        queued = queued_state(status.slurm_job)
-        status.where = f"slurm job {status.slurm_job} ({queued or (history[-1] if history else 'not in the queue')})"
-        if queued in ("PENDING", "REQUEUED", "CONFIGURING"):
+        state = job_state(status.slurm_job)
+        status.where = f"slurm job {status.slurm_job} ({state or 'not in the queue'})"
+        if state in ("PENDING", "REQUEUED", "CONFIGURING"):
             status.state = "queued"
     holder = lock_holder(run_dir)
     if holder is not None:
         status.state = "running"
         status.where = (f"{status.where}, " if status.slurm_job else "") + f"pid {holder['pid']} on {holder['host']}"
     epochs = config.get("optim", {}).get("epochs")
-    status.state = status.state if status.state != "not started" or not rows else "stopped"
+    if status.state == "not started" and rows:
+        status.state = "stopped"
     progress(status, rows, epochs)
     if status.state == "stopped" and status.total_steps and status.step >= status.total_steps:
         status.state = "finished"
