@@ -27,7 +27,7 @@ from smim_dist.engine.nonfinite_guard import NonFiniteLossError, training_state_
 from smim_dist.engine.run_dir import check_run_dir, check_writable, create_run_dir
 from smim_dist.engine.run_lock import RunLock
 from smim_dist.engine.stop_signals import StopSignals
-from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval
+from smim_dist.eval.jobs import SlurmEvalJobs, pending_evals, submit_eval, wait_for_local_evals
 from smim_dist.run_logger import RunLogger, check_wandb_credentials
 from smim_dist.models.mim import MIMModel
 from smim_dist.targets.build import build_target
@@ -56,11 +56,11 @@ def resume_tag(cfg: Config, dist_info: DistInfo) -> tuple[str | None, list[str]]
 
 
 def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainState, logger: RunLogger,
-                      eval_slurm: SlurmEvalJobs | None) -> bool:
+                      eval_slurm: SlurmEvalJobs | None, eval_processes: list) -> bool:
     """Checkpoint unless the run is diverging (the last step's loss, or any weight or optimizer moment, is not
     finite): ``latest`` never moves past the last good checkpoint. Then rank 0 starts the evaluation job due at this
     epoch and applies retention, which keeps the checkpoints whose evaluation has not finished. Returns whether the
-    checkpoint was written."""
+    checkpoint was written; a local evaluation job's process is appended to ``eval_processes``."""
     problem = ("the last step's loss was not finite" if state.bad_in_row else
                None if training_state_finite(engine) else "some weights or optimizer moments are not finite")
     if problem:
@@ -76,7 +76,10 @@ def save_and_evaluate(cfg: Config, engine, dist_info: DistInfo, state: TrainStat
     epoch_closed = state.batch_in_epoch == 0
     every = cfg.eval.every_epochs
     if every and epoch_closed and (state.epoch % every == 0 or state.epoch == cfg.optim.epochs):
-        logger.info(submit_eval(cfg, path.name, eval_slurm))
+        started = submit_eval(cfg, path.name, eval_slurm)
+        logger.info(started.line)
+        if started.process is not None:
+            eval_processes.append(started.process)
     prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs,
                       keep=pending_evals(cfg.run_dir, cfg.eval.protocols))
     return True
@@ -135,13 +138,14 @@ def _train(cfg: Config, dist_info: DistInfo, stop_requested, eval_slurm: SlurmEv
     if state.epoch >= cfg.optim.epochs:
         logger.info(f"this run already finished its {cfg.optim.epochs} epochs; nothing to do (pick a new run_name, or "
                     "raise optim.epochs under a new run_name, to train again)")
+    eval_processes = []
     try:
         while state.epoch < cfg.optim.epochs:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
             outcome = runner.run_epoch(loader, state, stop_requested)
             saved = True
             if outcome == "stop" or _should_save(cfg, state):
-                saved = save_and_evaluate(cfg, engine, dist_info, state, logger, eval_slurm)
+                saved = save_and_evaluate(cfg, engine, dist_info, state, logger, eval_slurm, eval_processes)
             if not saved and (outcome == "stop" or state.epoch >= cfg.optim.epochs):
                 raise NonFiniteLossError(f"the run ends diverged at step {state.step}, so its checkpoint was not "
                                          f"written; {latest_tag(cfg.run_dir) or 'no checkpoint'} is its last good one. "
@@ -149,6 +153,8 @@ def _train(cfg: Config, dist_info: DistInfo, stop_requested, eval_slurm: SlurmEv
             if outcome == "stop":
                 logger.info(f"stopped at step {state.step} on request; the same command resumes the run")
                 break
+        if state.epoch >= cfg.optim.epochs:
+            wait_for_local_evals(eval_processes, stop_requested, logger.info)
     finally:
         runner.log_trace(runner.profiler.close(state.step))
         logger.close()

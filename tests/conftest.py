@@ -38,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full", action="store_true",
-                     help="also run the end-to-end tier (tests marked e2e or slurm): what .ci/run runs")
+                     help="also run the end-to-end tier (tests marked e2e, slurm or container): what .ci/run runs")
 
 
 @pytest.hookimpl(trylast=True)  # after tests/slurm/conftest.py has marked its tests
@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Without --full, the in-process tier only; a test named on the command line (``file::test``) runs either way."""
     if config.getoption("--full") or any("::" in arg for arg in config.args):
         return
-    end_to_end = [item for item in items if item.get_closest_marker("e2e") or item.get_closest_marker("slurm")]
+    end_to_end = [item for item in items if any(item.get_closest_marker(tier) for tier in ("e2e", "slurm", "container"))]
     if end_to_end:
         config.hook.pytest_deselected(items=end_to_end)
         items[:] = [item for item in items if item not in end_to_end]

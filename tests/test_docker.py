@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from container.build_context import dockerignored
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
@@ -36,23 +38,6 @@ def final_stage() -> list[tuple[str, str]]:
     steps = instructions(DOCKERFILE.read_text())
     last_from = max(i for i, (name, _) in enumerate(steps) if name == "FROM")
     return steps[last_from:]
-
-
-def dockerignored(path: str) -> bool:
-    """Whether Docker's .dockerignore rules (last match wins, a matched folder takes its contents) exclude ``path``."""
-    excluded = False
-    for line in (REPO / ".dockerignore").read_text().splitlines():
-        pattern = line.strip()
-        if not pattern or pattern.startswith("#"):
-            continue
-        negate = pattern.startswith("!")
-        glob = pattern.lstrip("!").strip("/")
-        wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
-        regex = "".join(wildcards.get(part, re.escape(part)) for part in re.split(r"(\*\*/|\*\*|\*|\?)", glob))
-        parts = path.split("/")
-        if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
-            excluded = not negate
-    return excluded
 
 
 @pytest.mark.e2e

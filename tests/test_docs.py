@@ -9,8 +9,8 @@ point at the demo set and the workspace, and sizes shrink (fewer processes, epoc
 model at 32 px; training commands get ``SHRINK`` appended). Each command is matched by exactly one rule, which says
 how it runs; a command no rule knows fails ``test_every_documented_command_has_a_way_to_run``, so a new example in the
 docs needs a rule here. The exceptions and why: submissions to SLURM run with ``--dry-run`` (the journeys in
-tests/slurm submit for real); container-engine commands (no Docker engine here) are skipped with the reason; the two
-quick-start commands are the journey test's and ``.ci/run``'s own.
+tests/slurm submit for real); Docker, Enroot and Apptainer commands (none runs here) are skipped with the reason, the
+podman commands are tests/container's; the two quick-start commands are the journey test's and ``.ci/run``'s own.
 """
 
 from __future__ import annotations
@@ -217,7 +217,14 @@ def run_by_ci(command: Command, ws: Workspace) -> None:
 
 
 def needs_a_container_engine(command: Command, ws: Workspace) -> None:
-    pytest.skip("no Docker engine or Apptainer on this machine; the image is built and run by its own test (podman)")
+    pytest.skip("no Docker engine, Enroot or Apptainer on this machine; the image is built and run with podman by "
+                "tests/container, which runs the podman commands of docs/launching.md")
+
+
+def covered_by_the_container_test(command: Command, ws: Workspace) -> None:
+    from container.test_image import PAGE
+
+    assert command.source.startswith(PAGE + ":"), f"tests/container/test_image.py runs the podman commands of {PAGE}"
 
 
 def needs_a_gpu(command: Command, ws: Workspace) -> None:
@@ -238,7 +245,8 @@ RULES: list[tuple[str, Callable[[Command, Workspace], None]]] = [
     (r"smim-(eval|export|convert|status) .*", run_cli),
     (r"torchrun --nproc_per_node \d+ -m smim_dist\.eval\.cli .*", lambda command, ws: run(ws.adapt(command.argv),
                                                                                              ws.root)),
-    (r"(docker|apptainer) .*", needs_a_container_engine),
+    (r"(docker|apptainer|enroot) .*", needs_a_container_engine),
+    (r"podman .*|mkdir -p runs data_cache", covered_by_the_container_test),
     (r"python bench/step\.py .*--dtype bf16.*", needs_a_gpu),
     (r"python bench/reproduce_small\.py", covered_by_the_learning_test),
     (r"python bench/(?!reproduce_small)\w+\.py(?!.*--dtype bf16)( .*)?", lambda command, ws: run(ws.adapt(command.argv),

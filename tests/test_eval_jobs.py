@@ -38,6 +38,9 @@ def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configure
     proc = train_cli(1, TINY_CONFIG, overrides)
     run = tmp_path / "evaluated"
     assert len(losses(run)) == 8, "training did not wait for the evaluations"
+    assert "evaluation job(s) to end" in proc.stderr
+    assert all((run / "eval" / tag / "finished.json").exists() for tag in ("step_00000004", "step_00000008")), \
+        "the finished run exited before its evaluations ended (in a container they would be killed with it)"
     for tag in ("step_00000004", "step_00000008"):
         assert f"evaluation of {tag} started" in proc.stderr
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
@@ -53,7 +56,7 @@ def test_each_evaluated_checkpoint_gets_one_background_job_running_the_configure
     assert pending_evals(run, ("knn", "linear")) == {"step_00000004", "step_00000008"}
     cfg = load_config(TINY_CONFIG, overrides)
     again = submit_eval(cfg, "step_00000004", eval_slurm=None)
-    assert "was started before" in again and "not started again" in again
+    assert "was started before" in again.line and "not started again" in again.line and again.process is None
 
 
 @pytest.mark.e2e

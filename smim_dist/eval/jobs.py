@@ -1,6 +1,9 @@
-"""Evaluation jobs that run beside training: one per evaluated checkpoint, started by rank 0 and never waited for.
+"""Evaluation jobs that run beside training: one per evaluated checkpoint, started by rank 0; training never waits
+for them.
 
-Outside SLURM the job is a background process in its own session (``eval/<tag>/submitted.json`` names its pid).
+Outside SLURM the job is a background process in its own session (``eval/<tag>/submitted.json`` names its pid); a run
+that finishes waits for the ones still running before it exits, because in a container or a pod the end of the main
+process ends every other process in it.
 Under SLURM rank 0 writes the job's batch script, ``eval/<tag>/job.sbatch``, and the training job's batch shell
 submits it (``smim_dist.slurm_batch``): that shell runs on the host, so a task inside a container needs no SLURM
 client. Either marker, written before training goes on, keeps a requeued training job from starting the same
@@ -77,30 +80,50 @@ def eval_job_script(checkpoint: Path, slurm: SlurmEvalJobs) -> str:
     return _make_sbatch_string(command=command, folder=folder, stderr_to_stdout=True, **slurm.sbatch)
 
 
-def submit_eval(cfg: Config, tag: str, eval_slurm: SlurmEvalJobs | None) -> str:
-    """Start the evaluation of checkpoint ``tag`` unless it was started before; returns a line for the training log.
-    Any failure to start it is reported in that line and never reaches training."""
+@dataclass(frozen=True)
+class EvalStart:
+    line: str
+    """for the training log"""
+    process: subprocess.Popen | None = None
+    """the local background process, when one was started"""
+
+
+def submit_eval(cfg: Config, tag: str, eval_slurm: SlurmEvalJobs | None) -> EvalStart:
+    """Start the evaluation of checkpoint ``tag`` unless it was started before. Any failure to start it is reported
+    in the log line and never reaches training."""
     folder = eval_dir(cfg.run_dir, tag)
     for marker in (SUBMITTED, SBATCH_SCRIPT, REFUSED):
         if (folder / marker).exists():
-            return f"evaluation of {tag} was started before ({folder / marker}); not started again"
+            return EvalStart(f"evaluation of {tag} was started before ({folder / marker}); not started again")
     checkpoint = (checkpoint_root(cfg.run_dir) / tag).absolute()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if eval_slurm is not None:
             write_atomic(folder / SBATCH_SCRIPT, eval_job_script(checkpoint, eval_slurm))
-            return (f"evaluation of {tag} requested: the job's batch shell submits {folder / SBATCH_SCRIPT} "
-                    f"(job id in {folder / SUBMITTED}, log {folder}/<job id>_0_log.out)")
+            return EvalStart(f"evaluation of {tag} requested: the job's batch shell submits {folder / SBATCH_SCRIPT} "
+                             f"(job id in {folder / SUBMITTED}, log {folder}/<job id>_0_log.out)")
         log = (folder / "log.txt").open("ab")
         process = subprocess.Popen([sys.executable, "-m", "smim_dist.eval.jobs", str(checkpoint)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         log.close()
     except Exception as err:  # an evaluation must never stop training
-        return f"evaluation of {tag} could not be started ({type(err).__name__}: {err}); training goes on"
+        return EvalStart(f"evaluation of {tag} could not be started ({type(err).__name__}: {err}); training goes on")
     where = {"pid": process.pid, "host": socket.gethostname(), "log": str(folder / "log.txt")}
     (folder / SUBMITTED).write_text(json.dumps({"tag": tag, "time": time.time(), **where}) + "\n")
-    return f"evaluation of {tag} started: {where}"
+    return EvalStart(f"evaluation of {tag} started: {where}", process)
+
+
+def wait_for_local_evals(processes: Sequence[subprocess.Popen], stop_requested, log) -> None:
+    """Wait for the evaluation processes still running; a stop request ends the wait and leaves them running."""
+    running = [p for p in processes if p.poll() is None]
+    if not running:
+        return
+    log(f"training finished; waiting for {len(running)} evaluation job(s) to end (pids "
+        f"{', '.join(str(p.pid) for p in running)}): a run's evaluations end before it exits, in a container too; "
+        "a SIGTERM ends the wait and leaves them running")
+    while any(p.poll() is None for p in running) and not stop_requested():
+        time.sleep(1)
 
 
 def evaluate(checkpoint: Path) -> dict:
