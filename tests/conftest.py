@@ -31,6 +31,10 @@ TINY = [
 captured logs hold whole lines; the journey tests (tests/test_journeys.py) run it as shipped."""
 
 
+TIERS = ("e2e", "slurm", "container")
+"""the markers of the end-to-end tier"""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)  # two workers on two cores: more threads per worker would only wait for each other
@@ -43,10 +47,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)  # after tests/slurm/conftest.py has marked its tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without --full, the in-process tier only; a test named on the command line (``file::test``) runs either way."""
+    """Without --full, the in-process tier only; a test named on the command line (``file::test``) runs either way.
+    With --full the end-to-end tests come first: the workers take ungrouped tests in this order, so the short
+    in-process ones are left to even out the workers' ends."""
     if config.getoption("--full") or any("::" in arg for arg in config.args):
+        items.sort(key=lambda item: not any(item.get_closest_marker(tier) for tier in TIERS))
         return
-    end_to_end = [item for item in items if any(item.get_closest_marker(tier) for tier in ("e2e", "slurm", "container"))]
+    end_to_end = [item for item in items if any(item.get_closest_marker(tier) for tier in TIERS)]
     if end_to_end:
         config.hook.pytest_deselected(items=end_to_end)
         items[:] = [item for item in items if item not in end_to_end]
@@ -205,6 +212,18 @@ def train_in_process(argv: list[str], check: bool = True) -> subprocess.Complete
 def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[metric] for r in records}
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The model's weights in the run's latest checkpoint."""
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    path = run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), "bit-identical final weights"
 
 
 def wandb_offline_records(folder: Path) -> Iterator:

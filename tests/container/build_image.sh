@@ -72,7 +72,7 @@ start=$(date +%s)
   -v "$work/pip.conf:/etc/pip.conf:ro" -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.crt:ro \
   .) > "$work/build.log" 2>&1 || { tail -n 60 "$work/build.log" >&2; log "build failed (log: $work/build.log)"; exit 1; }
 log "built in $(( $(date +%s) - start )) s: $(podman image inspect "$tag" --format '{{.Size}}') bytes"
-# Earlier test images, and the untagged builder stage (about 8 GB), go.
+# Earlier test images go; the builder stage's layers (about 8 GB) stay a day, as the cache of the next build.
 podman images --format '{{.Repository}}:{{.Tag}}' | { grep "^${tag%%:*}:" || true; } | { grep -vx "$tag" || true; } \
   | xargs -r podman rmi >/dev/null
-podman image prune -f >/dev/null
+podman image prune -f --filter until=24h >/dev/null

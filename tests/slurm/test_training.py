@@ -16,7 +16,7 @@ import pytest
 import submitit
 import torch
 
-from conftest import engine_overrides, losses, run_cli, train_cli
+from conftest import assert_same_weights, engine_overrides, final_weights, losses, run_cli, train_cli
 from test_slurm_launcher import launch
 from smim_dist.engine.checkpoint import newest_valid_tag
 
@@ -70,17 +70,6 @@ def status(*args: str, capsys) -> str:
 
 def rank0_log(run_dir, job_id: str) -> str:
     return (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
-
-
-def final_weights(run_dir) -> dict:
-    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
-    path = run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[key], b[key]) for key in a), "bit-identical final weights"
 
 
 @pytest.fixture(scope="module")
