@@ -37,8 +37,7 @@ if [ ! -f "$stamp" ]; then
   log "creating .venv and installing smim_dist with its dependencies (first time: a few minutes)"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  # --no-compile: Python compiles what is imported when it is first imported, not all of torch's files now
-  .venv/bin/python -m pip install -q --no-compile -c constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
