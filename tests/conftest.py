@@ -47,11 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)  # after tests/slurm/conftest.py has marked its tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without --full, the in-process tier only; a test named on the command line (``file::test``) runs either way.
-    With --full the end-to-end tests come first: the workers take ungrouped tests in this order, so the short
-    in-process ones are left to even out the workers' ends."""
+    """Without --full, the in-process tier only; a test named on the command line (``file::test``) runs either way."""
     if config.getoption("--full") or any("::" in arg for arg in config.args):
-        items.sort(key=lambda item: not any(item.get_closest_marker(tier) for tier in TIERS))
         return
     end_to_end = [item for item in items if any(item.get_closest_marker(tier) for tier in TIERS)]
     if end_to_end:
