@@ -34,8 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @dataclass(frozen=True)
 class Image:
     tag: str
-    build_log: str
-    """build_image.sh's report: built (time, size) or reused"""
 
     @property
     def env(self) -> dict[str, str]:
@@ -50,7 +48,7 @@ class Image:
 
 
 @pytest.fixture(scope="session")
-def image(tmp_path_factory) -> Image:
+def image(tmp_path_factory, request) -> Image:
     if os.geteuid() != 0:
         pytest.skip("the image is built with rootful podman: needs root (it installs podman and runs it)")
     context = tmp_path_factory.mktemp("build_context")
@@ -59,4 +57,6 @@ def image(tmp_path_factory) -> Image:
     proc = subprocess.run(["bash", str(BUILD), str(context), tag], capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "SMIM_CONTAINER_WORK": str(WORK), "SMIM_REVISION": f"context-{digest}"})
     assert proc.returncode == 0, f"the image build failed:\n{proc.stderr[-6000:]}"
-    return Image(tag, proc.stderr)
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print("", *(line for line in proc.stderr.splitlines() if line.startswith("[build_image]")), sep="\n")
+    return Image(tag)
