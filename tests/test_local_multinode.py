@@ -59,7 +59,7 @@ def test_two_nodes_train_stop_on_sigterm_and_resume_like_one_node(tmp_path, demo
     overrides = engine_overrides(tmp_path, demo_data, "run_name=two_nodes", *common)
     run = tmp_path / "two_nodes"
     nodes = start_nodes(overrides, tmp_path)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
         assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), finish(nodes, tmp_path)
         time.sleep(0.05)

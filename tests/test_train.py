@@ -80,13 +80,15 @@ def test_a_slow_loader_on_one_rank_is_named_in_the_log(tmp_path, demo_data):
     """Rank 1's loader sleeps before each batch; rank 0 then waits in the collectives, not for data, so only the
     gathered per-rank figures can show which loader holds the run back."""
     overrides = engine_overrides(tmp_path, demo_data, "run_name=slow", "log.every_steps=2")
-    run = train_with_faults(2, ["--slow-loader-rank", "1", "--loader-delay", "0.3"], overrides)
+    run = train_with_faults(2, ["--slow-loader-rank", "1", "--loader-delay", "0.5"], overrides)
     records = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4
     assert all(record["peak_mem_mb"] > 0 for record in records)
     for record in records[1:]:  # the first window holds every rank's loader start-up too (and rank 0's wandb's)
         assert record["data_wait_max_rank"] == 1, record
-        assert record["data_wait_frac_max"] > 0.7 and record["data_wait_frac"] < 0.6, record
+        slow_rank = record["data_wait_frac_max"]
+        other_rank = 2 * record["data_wait_frac"] - slow_rank
+        assert slow_rank > 0.5 and other_rank < slow_rank / 2, record  # ratios, not times: CI's speed varies 2x
     assert "on rank 1)" in run.stderr
 
 

@@ -94,6 +94,21 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 print(f"{STOP} exited {stop.returncode}:\n{stop.stdout}{stop.stderr}")
 
 
+def queued_jobs() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+
+
+@pytest.fixture(autouse=True)
+def cancel_what_the_test_left_queued(slurm_cluster: SlurmCluster) -> Iterator[None]:
+    """A test that fails while its job runs would leave the job to the next test's cluster (seen in CI: the next
+    test found its queue not empty, and the node busy). The SLURM tests run one at a time (one xdist group)."""
+    before = queued_jobs()
+    yield
+    left = queued_jobs() - before
+    if left:
+        subprocess.run(["scancel", *sorted(left)], check=False)
+
+
 @pytest.fixture
 def submitit_folder(slurm_cluster: SlurmCluster, tmp_path: Path) -> Path:
     """A fresh submitit folder for one test: job ids restart at 1 whenever the cluster state is wiped,

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slurm
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def wait_done(job: submitit.Job, cluster, timeout: float = 60) -> None:
+def wait_done(job: submitit.Job, cluster, timeout: float = 300) -> None:
     """job.result() would block forever on a stuck job; fail with the logs instead."""
     deadline = time.monotonic() + timeout
     while not job.done():
@@ -29,7 +29,7 @@ def wait_done(job: submitit.Job, cluster, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
-def wait_for_state(cluster, job_id: str, state: str, timeout: float = 20) -> list[list[str]]:
+def wait_for_state(cluster, job_id: str, state: str, timeout: float = 120) -> list[list[str]]:
     """sacct hears of a job's end from slurmctld a little after its result file appears."""
     deadline = time.monotonic() + timeout
     while True:
@@ -88,14 +88,14 @@ def test_usr2_requeues_checkpointable(slurm_cluster, submitit_folder, tmp_path):
                                additional_parameters={"requeue": True})
     job = executor.submit(RequeueOnce(), str(tmp_path))
     starts = tmp_path / "starts"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180
     while not starts.exists():  # running, with submitit's signal handlers installed
         assert time.monotonic() < deadline, f"job never started\n{slurm_cluster.logs_tail()}"
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     # the accounting, not job.done(): submitit's handler runs `scontrol requeue` on its own job, and the requeue may
     # kill it before it returns (seen under load), leaving that error as the result until the second start replaces it
-    rows = wait_for_state(slurm_cluster, job.job_id, "COMPLETED", timeout=60 + 3 * slurm_cluster.cred_expire)
+    rows = wait_for_state(slurm_cluster, job.job_id, "COMPLETED", timeout=180 + 3 * slurm_cluster.cred_expire)
     states = [state for job_id, state, _ in rows if job_id == job.job_id]
     assert states == ["REQUEUED", "COMPLETED"], rows
     assert job.result() == (2, "1")  # started twice, the second time as SLURM's restart 1

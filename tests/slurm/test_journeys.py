@@ -35,14 +35,14 @@ def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slu
     run = tmp_path / "demo_cpu"
     wait_for_steps(run, 6)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    wait_until_gone(job_id, slurm_cluster, timeout=300)
+    wait_until_gone(job_id, slurm_cluster, timeout=900)
     assert job_states(slurm_cluster, job_id) == ["REQUEUED", "COMPLETED"]
     log = (run / "slurm" / f"{job_id}_0_log.err").read_text()
     assert re.search(r"resumed from step_\d{8}", log), log[-3000:]
     for tag in ("step_00000008", "step_00000016"):
         folder = run / "eval" / tag
         submitted = json.loads((folder / "submitted.json").read_text())
-        wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=300)
+        wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=900)
         assert job_states(slurm_cluster, submitted["slurm_job"]) == ["COMPLETED"], \
             (folder / f"{submitted['slurm_job']}_0_log.out").read_text()[-3000:]
         assert json.loads((folder / "finished.json").read_text())["ok"]

@@ -42,7 +42,7 @@ def wait_until_gone(job_id: str, cluster, timeout: float) -> None:
         time.sleep(1)
 
 
-def wait_for_steps(run_dir, steps: int, timeout: float = 180) -> None:
+def wait_for_steps(run_dir, steps: int, timeout: float = 900) -> None:
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
         assert time.monotonic() < deadline, f"no step {steps} in {metrics} after {timeout} s"
@@ -90,7 +90,7 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm
     run = tmp_path / "preempted"
     wait_for_steps(run, 5)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    wait_until_gone(job_id, slurm_cluster, timeout=300)
+    wait_until_gone(job_id, slurm_cluster, timeout=900)
     assert job_states(slurm_cluster, job_id) == ["REQUEUED", "COMPLETED"]
     log = rank0_log(run, job_id)
     stopped = int(re.search(r"stopped at step (\d+) on request", log)[1])
@@ -115,7 +115,7 @@ def test_time_limit_checkpoints_requeues_and_stops_at_the_requeue_cap(slurm_clus
     live = json.loads(status(str(run), "--json", capsys=capsys))
     assert (live["state"], live["slurm_job"], live["total_steps"]) == ("running", job_id, 20000), live
     assert live["where"].startswith(f"slurm job {job_id} (RUNNING), pid ") and live["eta_s"] > 0
-    wait_until_gone(job_id, slurm_cluster, timeout=600)
+    wait_until_gone(job_id, slurm_cluster, timeout=900)
     log = rank0_log(run, job_id)
     first, second = (int(step) for step in re.findall(r"stopped at step (\d+) on request", log))
     assert 0 < first < second
@@ -157,12 +157,12 @@ def test_rank_killed_while_writing_a_checkpoint_then_the_rerun_resumes_from_the_
     executor.update_parameters(partition="debug", nodes=1, ntasks_per_node=2, cpus_per_task=1, time=30,
                                srun_args=["--kill-on-bad-exit=1"], setup=["export OMP_NUM_THREADS=1"])
     job = executor.submit(train_and_kill_rank1_in_second_save, TrainJob(config=cfg.to_dict(), max_requeues=0))
-    wait_until_gone(job.job_id, slurm_cluster, timeout=300)
+    wait_until_gone(job.job_id, slurm_cluster, timeout=900)
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000012"
     assert (checkpoints / "step_00000024.partial").is_dir(), "the second checkpoint was cut off mid-write"
     job_id = submit(*launcher_args)
-    wait_until_gone(job_id, slurm_cluster, timeout=300)
+    wait_until_gone(job_id, slurm_cluster, timeout=900)
     assert "resumed from step_00000012" in rank0_log(tmp_path / "killed", job_id)
     assert losses(tmp_path / "killed") == pytest.approx(losses(uninterrupted), rel=1e-6)
     assert_same_weights(final_weights(tmp_path / "killed"), final_weights(uninterrupted))
@@ -179,10 +179,10 @@ def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data)
     twice = launch("--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug", *overrides)
     assert twice.returncode == 2 and f"not submitted: job {job_id} (" in twice.stderr
     assert "is already training" in twice.stderr and "config error" not in twice.stderr
-    wait_until_gone(job_id, slurm_cluster, timeout=300)
+    wait_until_gone(job_id, slurm_cluster, timeout=900)
     for tag in ("step_00000004", "step_00000008"):
         submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
-        wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=300)
+        wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=900)
         results = json.loads((run / "eval" / tag / "results.json").read_text())
         assert results["tag"] == tag and 0 <= results["protocols"]["knn"]["cls"]["top1"] <= 1, results
     assert "evaluation of step_00000004 requested" in rank0_log(run, job_id)
