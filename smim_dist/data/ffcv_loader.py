@@ -73,7 +73,7 @@ class _SamplerOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.sampler.rank_indices().astype(np.uint64)
+        return self.sampler.rank_indices()
 
 
 def _threads(num_workers: int) -> int:
