@@ -145,3 +145,14 @@ def test_bad_specs_fail_before_any_work(shard_dir):
         build_shard_loader(cfg, f"{shard_dir}/{{0..3}}.tar,{shard_dir}/9.tar", 0, 1, epoch=0)
     with pytest.raises(ValueError, match="at least 4 are needed"):
         build_shard_loader(cfg, f"{shard_dir}/{{0..2}}.tar", 0, 2, epoch=0)
+
+
+def test_the_stream_resume_benchmark_counts_the_bytes_read_before_the_first_batch(capsys, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["stream_resume.py", "--shards", "4", "--per-shard", "64", "--micro-batch", "8"])
+    runpy.run_path(str(REPO / "bench/stream_resume.py"), run_name="__main__")
+    rows = {row.split(" | ")[0]: row.split(" | ")[1:] for row in capsys.readouterr().out.splitlines()
+            if row.startswith("| ") and "%" in row}
+    assert list(rows) == ["| 0%", "| 10%", "| 90%"]
+    assert all(float(values[0].split()[0]) > 0 for values in rows.values()), "every start reads its first batch"

@@ -1,0 +1,77 @@
+"""Bytes a resumed webdataset stream reads before its first batch, resumed at 10% and at 90% of an epoch: what a
+requeued job pays per loader worker on object storage (the baseline for resume without re-reading).
+
+    python bench/stream_resume.py                       # 16 shards x 256 samples of ~12 kB
+    python bench/stream_resume.py --shards 32 --per-shard 512
+
+Writes the shards (noise JPEGs, 96 px) to a temporary folder, then for each start takes the first batch of one rank's
+stream with one loader worker (``ShardStream`` iterated in this process, as ``data.num_workers=0`` runs it; with W
+workers each reads its own part of the shards, about 1/W of these bytes) and counts the bytes this process read
+(``rchar`` of /proc/self/io: every read syscall, page cache hits included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from smim_dist.config import load_config
+from smim_dist.data.shards import ShardStream, expand_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bytes_read() -> int:
+    with open("/proc/self/io") as stats:
+        return next(int(line.split()[1]) for line in stats if line.startswith("rchar:"))
+
+
+def write_shards(root: Path, shards: int, per_shard: int) -> int:
+    rng = np.random.default_rng(0)
+    for shard in range(shards):
+        with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
+            for i in range(per_shard):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": buffer.getvalue(), "txt": b"a caption"})
+    return sum(path.stat().st_size for path in root.glob("*.tar"))
+
+
+def first_batch_cost(cfg, urls: list[str], batches: int, start_batch: int) -> int:
+    stream = ShardStream(cfg, urls, 0, cfg.optim.micro_batch, 0, start_batch, batches, shuffle_buffer=1000)
+    before = bytes_read()
+    list(itertools.islice(iter(stream), stream.batch_size))
+    return bytes_read() - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--per-shard", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=32)
+    args = parser.parse_args()
+    cfg = load_config(REPO / "configs/demo_cpu.yaml", [f"optim.micro_batch={args.micro_batch}",
+                                                      f"optim.global_batch={args.micro_batch}", "model.img_size=32"])
+    with tempfile.TemporaryDirectory() as folder:
+        size = write_shards(Path(folder), args.shards, args.per_shard)
+        urls = expand_shards(f"{folder}/{{00000..{args.shards - 1:05d}}}.tar")
+        batches = args.shards * args.per_shard // args.micro_batch
+        print(f"{args.shards} shards x {args.per_shard} samples, {size / 2**20:.1f} MiB; 1 rank, 1 loader worker, "
+              f"{batches} batches of {args.micro_batch} an epoch, shuffle buffer 1000")
+        print("| resumed at | bytes read before the first batch | of the epoch's bytes |")
+        print("|---|---|---|")
+        first_batch_cost(cfg, urls, batches, 0)  # imports and opens what a first decode needs, uncounted
+        for fraction in (0.0, 0.1, 0.9):
+            cost = first_batch_cost(cfg, urls, batches, int(fraction * batches))
+            print(f"| {fraction:.0%} | {cost / 2**20:.1f} MiB | {cost / size:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
