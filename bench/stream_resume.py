@@ -1,13 +1,14 @@
-"""Bytes a resumed webdataset stream reads before its first batch, resumed at 10% and at 90% of an epoch: what a
-requeued job pays per loader worker on object storage (the baseline for resume without re-reading).
+"""Bytes a resumed webdataset stream reads before its first batch, resumed at 0%, 10% and 90% of an epoch: what a
+requeued job pays per loader worker.
 
-    python bench/stream_resume.py                       # 16 shards x 256 samples of ~12 kB
+    python bench/stream_resume.py                       # 16 shards x 256 samples of ~30 kB
     python bench/stream_resume.py --shards 32 --per-shard 512
 
-Writes the shards (noise JPEGs, 96 px) to a temporary folder, then for each start takes the first batch of one rank's
-stream with one loader worker (``ShardStream`` iterated in this process, as ``data.num_workers=0`` runs it; with W
-workers each reads its own part of the shards, about 1/W of these bytes) and counts the bytes this process read
-(``rchar`` of /proc/self/io: every read syscall, page cache hits included).
+Writes img2dataset-like shards (a noise JPEG of 160 px, ~30 kB, a .txt and a .json per sample) to a temporary
+folder, then for each start takes the first batch of one rank's stream with one loader worker (``ShardStream``
+iterated in this process, as ``data.num_workers=0`` runs it; with W workers each reads its own part of the shards,
+about 1/W of these bytes) and counts the bytes this process read (``rchar`` of /proc/self/io: every read syscall,
+page cache hits included).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def write_shards(root: Path, shards: int, per_shard: int) -> int:
         with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
             for i in range(per_shard):
                 buffer = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": buffer.getvalue(), "txt": b"a caption"})
+                Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+                sink.write({"__key__": f"{shard:05d}{i:05d}", "jpg": buffer.getvalue(), "txt": b"a caption",
+                            "json": b'{"width": 160, "height": 160}'})
     return sum(path.stat().st_size for path in root.glob("*.tar"))
 
 

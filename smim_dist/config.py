@@ -89,7 +89,7 @@ class DataConfig:
     samples_per_epoch: int = 0
     """webdataset: samples that make one epoch (a stream has no length of its own)"""
     shuffle_buffer: int = 1000
-    """webdataset: samples each loader worker shuffles among"""
+    """webdataset: each loader worker shuffles its stream in windows of this many consecutive samples"""
     demo_images: int = 2048
     demo_scenes: str = "shapes"
     """shapes (the demo) | layouts (two-colour layouts whose class decides what a masked patch holds: the data of

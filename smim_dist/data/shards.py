@@ -11,16 +11,21 @@ A batch is always B consecutive items of its worker's shuffled stream. An item w
 undecodable keeps its slot: it is replaced by the next decodable image of the same batch, augmented with its own key
 (as the file loader replaces a bad file by the next one), and counted in ``corrupt_skipped``. Since no decode can move
 a batch boundary, resuming only has to count items, not decode them.
+
+The shuffle permutes windows of ``shuffle_buffer`` consecutive items (a rolling buffer would make each item depend on
+everything read before it), so a resumed worker starts reading at the first item of the window it stopped in: local
+``.tar`` shards before that are passed over by their headers alone and the skipped samples of its shard are never
+read; other sources (``pipe:``, URLs, compressed tars) are read through up to there.
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
 import hashlib
 import io
 import itertools
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -70,24 +75,84 @@ def decode_rgb(data: bytes | None) -> Tensor | None:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def shuffled(items, size: int, rng: np.random.Generator):
-    """Classic shuffle buffer: each arriving item evicts a random resident one; the rest drains in random order."""
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        slot = int(rng.integers(size))
-        yield buffer[slot]
-        buffer[slot] = item
-    yield from (buffer[i] for i in rng.permutation(len(buffer)))
-
-
 def raw_samples(urls: list[str]):
     """(key, image bytes or None) per tar sample, shards in order; text and metadata are dropped right away so the
-    shuffle buffer only holds encoded images."""
+    shuffle window only holds encoded images."""
     for sample in tarfile_samples({"url": url} for url in urls):
-        yield sample["__key__"], next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        yield sample["__key__"], image_of(sample)
+
+
+def image_of(members: dict):
+    """A sample's image member: the first of IMAGE_EXTENSIONS it has, or None."""
+    return next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+
+
+KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+METADATA = re.compile(r"__[^/]*__($|/)")
+
+
+def tar_samples(path: str) -> list[tuple[str, tuple[int, int] | None]]:
+    """A local tar's samples as webdataset groups them (regular files, its metadata names skipped, consecutive members
+    sharing the name up to the basename's first dot; ``webdataset.tariterators``), each as its key and the (offset,
+    size) of its image or None, from the headers alone. Unbuffered, so that a header costs a 512-byte read."""
+    groups: list[tuple[str, dict]] = []
+    with open(path, "rb", buffering=0) as file, tarfile.open(fileobj=file, mode="r:") as tar:
+        for info in tar:
+            name, match = info.name, KEY_AND_SUFFIX.match(info.name)
+            if (not info.isreg() or not match or METADATA.match(name)
+                    or ("/" not in name and name.startswith("__") and name.endswith("__"))):
+                continue
+            if not groups or groups[-1][0] != match.group(1):
+                groups.append((match.group(1), {}))
+            suffix = match.group(2).lower()
+            if suffix in groups[-1][1]:
+                raise ValueError(f"{path}: {name}: duplicate file name in tar file")  # as webdataset refuses it
+            groups[-1][1][suffix] = (info.offset_data, info.size)
+    return [(key, image_of(members)) for key, members in groups]
+
+
+def indexed(url: str) -> bool:
+    return url.endswith(".tar") and not url.startswith("pipe:") and "://" not in url
+
+
+class ShardPass:
+    """One read of a worker's shards in order, as (key, image bytes or None) items, from item ``skip`` on; ``length``
+    counts the items of the shards it has gone through, skipped ones included."""
+
+    def __init__(self, urls: list[str], skip: int):
+        self.urls, self.skip, self.length = urls, skip, 0
+
+    def __iter__(self):
+        skip = self.skip
+        for url in self.urls:
+            if not indexed(url):
+                for key, data in raw_samples([url]):
+                    self.length += 1
+                    if self.length > self.skip:
+                        yield key, data
+                skip = max(0, self.skip - self.length)
+                continue
+            samples = tar_samples(url)
+            self.length += len(samples)
+            if skip >= len(samples):
+                skip -= len(samples)
+                continue
+            with open(url, "rb") as file:
+                for key, member in samples[skip:]:
+                    yield key, None if member is None else _read_at(file, *member)
+            skip = 0
+
+
+def _read_at(file, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    return file.read(size)
+
+
+def windows(items, size: int):
+    """Lists of ``size`` consecutive items (the last may be shorter)."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
 
 
 class ShardStream(IterableDataset):
@@ -107,14 +172,21 @@ class ShardStream(IterableDataset):
             raise TypeError("a shard stream read once has no known length; pass batches_per_epoch")
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
-    def items(self, urls: list[str], part: int):
+    def items(self, urls: list[str], part: int, start: int = 0):
+        """This worker part's shuffled stream from item ``start`` on: each read of its shards is cut into windows of
+        ``shuffle_buffer`` items, each window permuted by (seed, epoch, rank, part, read, window)."""
+        remaining = start
         for read in itertools.count() if self.batches_per_epoch is not None else [0]:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, part, read])
-            count = 0
-            for count, item in enumerate(shuffled(raw_samples(urls), self.shuffle_buffer, rng), 1):
-                yield item
-            if count == 0:
+            first = remaining // self.shuffle_buffer
+            source = ShardPass(urls, first * self.shuffle_buffer)
+            drop = remaining - first * self.shuffle_buffer
+            for number, window in enumerate(windows(source, self.shuffle_buffer), first):
+                rng = np.random.default_rng([self.seed, self.epoch, self.rank, part, read, number])
+                yield from (window[i] for i in rng.permutation(len(window))[drop:])
+                drop = 0
+            if source.length == 0:
                 raise RuntimeError(f"shards {urls} hold no samples")
+            remaining = max(0, remaining - source.length)
 
     def __iter__(self):
         info = get_worker_info()
@@ -124,11 +196,8 @@ class ShardStream(IterableDataset):
         part = (worker + self.start_batch) % workers
         stop = self.batches_per_epoch if self.batches_per_epoch is not None else float("inf")
         mine = itertools.count(part, workers)
-        items = self.items(self.shards[part::workers], part)
-        # Fast-forward: the items of this part's batches before start_batch are read from the tars and shuffled but
-        # never decoded or augmented, so a resume costs re-reading about start_batch/W batches' bytes per worker.
         skipped = len(range(part, min(self.start_batch, stop), workers))
-        collections.deque(itertools.islice(items, skipped * self.batch_size), maxlen=0)
+        items = self.items(self.shards[part::workers], part, skipped * self.batch_size)
         for number in itertools.islice(mine, skipped, None):
             if number >= stop:
                 return
