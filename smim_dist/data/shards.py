@@ -3,9 +3,9 @@ batches, augmentation and masks as the file loader.
 
 Everything a batch contains is a pure function of (seed, epoch, rank, world size, worker count, shard list): the
 epoch's shard order is a seeded permutation, rank r reads shards[r::world_size], its worker w reads [w::W] of that,
-each worker's shuffle buffer is seeded from (seed, epoch, rank, worker), and each sample's crop and mask from
-(seed, epoch, hash of its key). The DataLoader takes batches round-robin from its workers, so worker w emits global
-batches w, w+W, w+2W, ... of the rank's epoch (shifted on resume, see ``ShardStream.__iter__``).
+each worker's shuffle windows are seeded from (seed, epoch, rank, worker, read, window), and each sample's crop and
+mask from (seed, epoch, hash of its key). The DataLoader takes batches round-robin from its workers, so worker w emits
+global batches w, w+W, w+2W, ... of the rank's epoch (shifted on resume, see ``ShardStream.__iter__``).
 
 A batch is always B consecutive items of its worker's shuffled stream. An item whose image is missing, empty or
 undecodable keeps its slot: it is replaced by the next decodable image of the same batch, augmented with its own key
