@@ -3,6 +3,7 @@ requeued job pays per loader worker.
 
     python bench/stream_resume.py                       # 16 shards x 256 samples of ~30 kB
     python bench/stream_resume.py --shards 32 --per-shard 512
+    python bench/stream_resume.py --shards 32 --per-shard 512 --counts   # with data.shard_counts (smim-convert count)
 
 Writes img2dataset-like shards (a noise JPEG of 160 px, ~30 kB, a .txt and a .json per sample) to a temporary
 folder, then for each start takes the first batch of one rank's stream with one loader worker (``ShardStream``
@@ -24,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 
 from smim_dist.config import load_config
+from smim_dist.data.shard_counts import load_counts, write_counts
 from smim_dist.data.shards import ShardStream, expand_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +48,9 @@ def write_shards(root: Path, shards: int, per_shard: int) -> int:
     return sum(path.stat().st_size for path in root.glob("*.tar"))
 
 
-def first_batch_cost(cfg, urls: list[str], batches: int, start_batch: int) -> int:
-    stream = ShardStream(cfg, urls, 0, cfg.optim.micro_batch, 0, start_batch, batches, shuffle_buffer=1000)
+def first_batch_cost(cfg, urls: list[str], batches: int, start_batch: int, counts=None) -> int:
+    stream = ShardStream(cfg, urls, 0, cfg.optim.micro_batch, 0, start_batch, batches, shuffle_buffer=1000,
+                         counts=counts)
     before = bytes_read()
     list(itertools.islice(iter(stream), stream.batch_size))
     return bytes_read() - before
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--counts", action="store_true", help="count the shards first and resume with the counts")
     args = parser.parse_args()
     cfg = load_config(REPO / "configs/demo_cpu.yaml", [f"optim.micro_batch={args.micro_batch}",
                                                       f"optim.global_batch={args.micro_batch}", "model.img_size=32"])
@@ -65,13 +69,18 @@ def main() -> None:
         size = write_shards(Path(folder), args.shards, args.per_shard)
         urls = expand_shards(f"{folder}/{{00000..{args.shards - 1:05d}}}.tar")
         batches = args.shards * args.per_shard // args.micro_batch
+        counts = None
+        if args.counts:
+            write_counts(f"{folder}/{{00000..{args.shards - 1:05d}}}.tar", Path(folder) / "counts.json")
+            counts = load_counts(Path(folder) / "counts.json", urls)
         print(f"{args.shards} shards x {args.per_shard} samples, {size / 2**20:.1f} MiB; 1 rank, 1 loader worker, "
-              f"{batches} batches of {args.micro_batch} an epoch, shuffle buffer 1000")
+              f"{batches} batches of {args.micro_batch} an epoch, shuffle window 1000"
+              + (", with the shards' counts" if counts else ""))
         print("| resumed at | bytes read before the first batch | of the epoch's bytes |")
         print("|---|---|---|")
         first_batch_cost(cfg, urls, batches, 0)  # imports and opens what a first decode needs, uncounted
         for fraction in (0.0, 0.1, 0.9):
-            cost = first_batch_cost(cfg, urls, batches, int(fraction * batches))
+            cost = first_batch_cost(cfg, urls, batches, int(fraction * batches), counts)
             print(f"| {fraction:.0%} | {cost / 2**20:.1f} MiB | {cost / size:.0%} |")
 
 

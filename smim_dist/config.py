@@ -90,6 +90,9 @@ class DataConfig:
     """webdataset: samples that make one epoch (a stream has no length of its own)"""
     shuffle_buffer: int = 1000
     """webdataset: each loader worker shuffles its stream in windows of this many consecutive samples"""
+    shard_counts: str = ""
+    """webdataset: a file of per-shard sample counts (``smim-convert count``): a resume then opens no shard before the
+    one its shuffle window starts in"""
     demo_images: int = 2048
     demo_scenes: str = "shapes"
     """shapes (the demo) | layouts (two-colour layouts whose class decides what a masked patch holds: the data of
@@ -374,6 +377,9 @@ def validate(cfg: Config) -> None:
                           "demo set there; set data.demo=false to read it")
     if cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be at least 1")
+    if cfg.data.shard_counts and cfg.data.source != "webdataset":
+        raise ConfigError(f"data.shard_counts={cfg.data.shard_counts!r} counts tar shards, but data.source="
+                          f"{cfg.data.source}; drop it or set data.source=webdataset")
     low, high = cfg.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must satisfy 0 < min <= max <= 1")

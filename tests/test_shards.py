@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import REPO
-from smim_dist.config import load_config
+from smim_dist.config import ConfigError, load_config
 from smim_dist.data.pretrain_loader import build_pretrain_loader, prepare_demo_data
 from smim_dist.data.shards import build_shard_loader, expand_shards, raw_samples
 
@@ -147,10 +147,12 @@ def test_bad_specs_fail_before_any_work(shard_dir):
         build_shard_loader(cfg, f"{shard_dir}/{{0..2}}.tar", 0, 2, epoch=0)
 
 
-def test_the_stream_resume_benchmark_counts_the_bytes_read_before_the_first_batch(capsys, monkeypatch):
+@pytest.mark.parametrize("counts", [[], ["--counts"]])
+def test_the_stream_resume_benchmark_counts_the_bytes_read_before_the_first_batch(capsys, monkeypatch, counts):
     import runpy
 
-    monkeypatch.setattr("sys.argv", ["stream_resume.py", "--shards", "4", "--per-shard", "64", "--micro-batch", "8"])
+    monkeypatch.setattr("sys.argv", ["stream_resume.py", "--shards", "4", "--per-shard", "64", "--micro-batch", "8",
+                                     *counts])
     runpy.run_path(str(REPO / "bench/stream_resume.py"), run_name="__main__")
     rows = {row.split(" | ")[0]: row.split(" | ")[1:] for row in capsys.readouterr().out.splitlines()
             if row.startswith("| ") and "%" in row}
@@ -158,33 +160,99 @@ def test_the_stream_resume_benchmark_counts_the_bytes_read_before_the_first_batc
     assert all(float(values[0].split()[0]) > 0 for values in rows.values()), "every start reads its first batch"
 
 
-def test_a_late_resume_reads_the_headers_and_its_window_not_the_epoch_so_far(tmp_path):
-    """Local .tar shards before the resume point's window are passed over by their headers; only that window's samples
-    are read (bytes counted by the kernel: ``rchar``, every read syscall of this process)."""
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory):
+    """8 shards of 32 noise JPEGs of ~30 kB, as on LAION."""
+    root = tmp_path_factory.mktemp("photo_shards")
     rng = np.random.default_rng(1)
     for shard in range(8):
-        with wds.TarWriter(str(tmp_path / f"{shard}.tar")) as sink:
+        with wds.TarWriter(str(root / f"{shard}.tar")) as sink:
             for i in range(32):
                 image = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(image, format="JPEG")
-                sink.write({"__key__": f"{shard:03d}{i:03d}", "jpg": image.getvalue()})  # ~30 kB, as on LAION
-    total = sum(path.stat().st_size for path in tmp_path.glob("*.tar"))
+                sink.write({"__key__": f"{shard:03d}{i:03d}", "jpg": image.getvalue()})
+    return root
+
+
+def resumed_cost(spec: str, start: int, counts=None) -> tuple[list[dict], list[dict], int]:
+    """The whole epoch, and the first batch resumed at ``start`` with the bytes it read (the kernel's ``rchar``)."""
     cfg = config("optim.global_batch=8", "optim.micro_batch=8", workers=0)
 
-    def first_batch(start: int) -> tuple[dict, int]:
-        loader = build_shard_loader(cfg, f"{tmp_path}/{{0..7}}.tar", 0, 1, epoch=2, start_batch=start,
-                                    batches_per_epoch=32, shuffle_buffer=16)
-        before = read_bytes()
-        batch = next(iter(loader))
-        return batch, read_bytes() - before
+    def build(begin: int):
+        return build_shard_loader(cfg, spec, 0, 1, epoch=2, start_batch=begin, batches_per_epoch=32,
+                                  shuffle_buffer=16, counts=counts)
 
-    full = batches(build_shard_loader(cfg, f"{tmp_path}/{{0..7}}.tar", 0, 1, epoch=2, batches_per_epoch=32,
-                                      shuffle_buffer=16))
-    resumed, cost = first_batch(31)
-    assert_same([resumed], full[31:])
+    full = batches(build(0))
+    resumed = build(start)
+    before = read_bytes()
+    first = next(iter(resumed))
+    return full, [first], read_bytes() - before
+
+
+def test_a_late_resume_reads_the_headers_and_its_window_not_the_epoch_so_far(photo_shards):
+    """Local .tar shards before the resume point's window are passed over by their headers; only that window's samples
+    are read."""
+    total = sum(path.stat().st_size for path in photo_shards.glob("*.tar"))
+    full, resumed, cost = resumed_cost(f"{photo_shards}/{{0..7}}.tar", 31)
+    assert_same(resumed, full[31:])
     assert cost < 0.3 * total, f"{cost} of {total} bytes read to resume at the last batch"
+
+
+@pytest.mark.parametrize("source", ["local", "pipe"])
+def test_with_counted_shards_a_resume_opens_no_shard_before_its_window(photo_shards, tmp_path, capsys, source):
+    from smim_dist.data.convert_cli import main as convert
+    from smim_dist.data.shard_counts import load_counts
+
+    spec = f"{photo_shards}/{{0..7}}.tar" if source == "local" else f"pipe:cat {photo_shards}/{{0..7}}.tar"
+    assert convert(["count", spec, str(tmp_path / "counts.json"), "--workers", "2"]) == 0
+    assert f"Counted 256 samples in 8 shards: {tmp_path / 'counts.json'}" in capsys.readouterr().out
+    counts = load_counts(tmp_path / "counts.json", expand_shards(spec))
+    assert set(counts.values()) == {32}
+    readers = 2 if source == "pipe" else 1  # a reaped child's reads count as its parent's: cat's, then ours
+    shard = (photo_shards / "0.tar").stat().st_size
+    full, resumed, cost = resumed_cost(spec, 31, counts)
+    assert_same(resumed, full[31:])
+    assert cost < 1.5 * readers * shard, f"{cost} bytes read to resume at the last batch: more than its one shard"
+
+
+def test_stale_or_wrong_counts_are_refused_with_the_shard_named(photo_shards, tmp_path):
+    import json
+
+    from smim_dist.data.shard_counts import load_counts, write_counts
+
+    spec = f"{photo_shards}/{{0..7}}.tar"
+    record = write_counts(spec, tmp_path / "counts.json", workers=1)
+    first = f"{photo_shards}/0.tar"
+    with pytest.raises(ValueError, match="has no count for 1 of the 9 shards"):
+        load_counts(tmp_path / "counts.json", [*expand_shards(spec), f"{photo_shards}/8.tar"])
+    record["shards"][first]["bytes"] += 512
+    (tmp_path / "stale.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"0\.tar is \d+ bytes, not the \d+ it had when counted"):
+        load_counts(tmp_path / "stale.json", expand_shards(spec))
+    record["shards"][first] = {"samples": 31, "bytes": None}
+    (tmp_path / "wrong.json").write_text(json.dumps(record))
+    wrong = load_counts(tmp_path / "wrong.json", expand_shards(spec))
+    with pytest.raises(ValueError, match=r"0\.tar holds 32 samples, not the 31 data.shard_counts says"):
+        resumed_cost(spec, 0, wrong)
+    with pytest.raises(ValueError, match="not a counts file"):
+        load_counts(photo_shards / "0.tar", expand_shards(spec))
+    with pytest.raises(ConfigError, match="data.shard_counts='c.json' counts tar shards, but data.source=ffcv"):
+        config("data.shard_counts=c.json", "data.source=ffcv")
 
 
 def read_bytes() -> int:
     with open("/proc/self/io") as stats:
         return next(int(line.split()[1]) for line in stats if line.startswith("rchar:"))
+
+
+def test_training_reads_the_counts_file_named_by_the_config_and_refuses_a_bad_one(photo_shards, tmp_path):
+    from smim_dist.data.shard_counts import write_counts
+
+    spec = f"{photo_shards}/{{0..7}}.tar"
+    write_counts(spec, tmp_path / "counts.json", workers=1)
+    common = ["data.demo=false", "data.source=webdataset", f"data.path={spec}", "data.samples_per_epoch=64"]
+    loader, _ = build_pretrain_loader(config(*common, f"data.shard_counts={tmp_path / 'counts.json'}"), 0, 1)
+    assert loader.counts == dict.fromkeys(expand_shards(spec), 32)
+    missing = tmp_path / "missing.json"
+    with pytest.raises(ConfigError, match=f"data.shard_counts='{missing}' is not a counts file"):
+        build_pretrain_loader(config(*common, f"data.shard_counts={missing}"), 0, 1)

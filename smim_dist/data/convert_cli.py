@@ -6,6 +6,7 @@ do the work).
     smim-convert webdataset '/data/laion/{00000..00099}.tar' /data/ffcv/laion.beton --max-side 512
     smim-convert segmentation /data/ade/images/validation /data/ade/annotations/validation /data/ffcv/ade_val.beton
     smim-convert verify /data/ffcv/in1k_train.beton
+    smim-convert count '/data/laion/{00000..12345}.tar' /data/laion/counts.json     # for data.shard_counts
 
 ``segmentation`` pairs images with label maps of the same file stem and stores image, mask and index. Every output
 gets its checksum beside it (OUT.beton.sha256), which ``verify`` and training check.
@@ -22,6 +23,7 @@ from pathlib import Path
 from smim_dist.data.beton_check import checksum_file, checksum_problem, structure_problem
 from smim_dist.data.convert import UsageError, convert_imagefolder, convert_webdataset
 from smim_dist.data.segmentation import convert_segmentation
+from smim_dist.data.shard_counts import write_counts
 
 
 def _summary(report: dict) -> str:
@@ -67,6 +69,16 @@ def _verify(path: Path) -> int:
     return 0
 
 
+def _count(spec: str, out: Path, workers: int | None) -> int:
+    try:
+        shards = write_counts(spec, out, workers)["shards"]
+    except (ValueError, OSError) as err:
+        print(f"smim-convert: error: {err}", file=sys.stderr)
+        return 1
+    print(f"Counted {sum(entry['samples'] for entry in shards.values())} samples in {len(shards)} shards: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smim-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,9 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check a .beton's structure and its bytes against the checksum written "
                                            "beside it (OUT.beton.sha256)")
     verify.add_argument("beton", type=Path)
+    count = sub.add_parser("count", help="samples per tar shard, for data.shard_counts: local .tar shards by their "
+                                         "headers, other sources (pipe:, URLs) read through")
+    count.add_argument("source", metavar="shards", help="the shard spec as data.path gives it")
+    count.add_argument("out", type=Path, help="the JSON file to write")
+    count.add_argument("--workers", type=int, default=None, help="processes (default: the usable CPUs)")
     args = parser.parse_args(argv)
     if args.layout == "verify":
         return _verify(args.beton)
+    if args.layout == "count":
+        return _count(args.source, args.out, args.workers)
     if args.layout == "segmentation":
         convert = functools.partial(_segmentation, masks=args.masks)
     else:

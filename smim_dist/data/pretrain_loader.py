@@ -18,7 +18,8 @@ from smim_dist.config import Config, ConfigError
 from smim_dist.data.augment import PretrainSample, PretrainTransform, stack_samples
 from smim_dist.data.demo import MANIFEST, SHARD_PATTERN, ensure_demo_dataset
 from smim_dist.data.sampler import ResumableDistributedSampler
-from smim_dist.data.shards import ShardEpochs
+from smim_dist.data.shard_counts import load_counts
+from smim_dist.data.shards import ShardEpochs, expand_shards
 
 MAX_REPLACEMENTS = 16
 DEMO_IMAGE_SIZE = 128
@@ -100,7 +101,13 @@ def build_pretrain_loader(cfg: Config, rank: int, world_size: int, device: torch
         loader = FFCVPretrainLoader(cfg, rank, world_size, device)
         return loader, loader
     if cfg.data.source == "webdataset":
-        stream = ShardEpochs(cfg, rank, world_size)
+        counts = None
+        if cfg.data.shard_counts:
+            try:
+                counts = load_counts(cfg.data.shard_counts, expand_shards(cfg.data.path))
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+        stream = ShardEpochs(cfg, rank, world_size, counts)
         return stream, stream
     root, files = training_files(cfg)
     dataset = ImageListDataset(root, files, PretrainTransform(cfg))

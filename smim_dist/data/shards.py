@@ -117,30 +117,38 @@ def indexed(url: str) -> bool:
 
 class ShardPass:
     """One read of a worker's shards in order, as (key, image bytes or None) items, from item ``skip`` on; ``length``
-    counts the items of the shards it has gone through, skipped ones included."""
+    counts the items of the shards it has gone through, skipped ones included. A shard with a known count (``counts``,
+    from ``data.shard_counts``) that lies wholly before ``skip`` is not opened."""
 
-    def __init__(self, urls: list[str], skip: int):
-        self.urls, self.skip, self.length = urls, skip, 0
+    def __init__(self, urls: list[str], skip: int, counts: dict[str, int] | None = None):
+        self.urls, self.skip, self.counts, self.length = urls, skip, counts or {}, 0
 
     def __iter__(self):
         skip = self.skip
         for url in self.urls:
-            if not indexed(url):
-                for key, data in raw_samples([url]):
-                    self.length += 1
-                    if self.length > self.skip:
-                        yield key, data
-                skip = max(0, self.skip - self.length)
+            known, before = self.counts.get(url), self.length
+            if known is not None and skip >= known:
+                self.length += known
+                skip -= known
                 continue
-            samples = tar_samples(url)
-            self.length += len(samples)
-            if skip >= len(samples):
-                skip -= len(samples)
-                continue
-            with open(url, "rb") as file:
-                for key, member in samples[skip:]:
-                    yield key, None if member is None else _read_at(file, *member)
-            skip = 0
+            yield from self._shard(url, skip)
+            skip = max(0, self.skip - self.length)
+            if known is not None and self.length - before != known:
+                raise ValueError(f"{url} holds {self.length - before} samples, not the {known} data.shard_counts "
+                                 "says; count the shards again (smim-convert count)")
+
+    def _shard(self, url: str, skip: int):
+        if not indexed(url):
+            for number, (key, data) in enumerate(raw_samples([url])):
+                self.length += 1
+                if number >= skip:
+                    yield key, data
+            return
+        samples = tar_samples(url)
+        self.length += len(samples)
+        with open(url, "rb") as file:
+            for key, member in samples[skip:]:
+                yield key, None if member is None else _read_at(file, *member)
 
 
 def _read_at(file, offset: int, size: int) -> bytes:
@@ -161,10 +169,10 @@ class ShardStream(IterableDataset):
     shards again with a fresh shuffle (every rank must take the same number of steps under DDP)."""
 
     def __init__(self, cfg: Config, shards: list[str], rank: int, batch_size: int, epoch: int, start_batch: int,
-                 batches_per_epoch: int | None, shuffle_buffer: int):
+                 batches_per_epoch: int | None, shuffle_buffer: int, counts: dict[str, int] | None = None):
         self.transform = PretrainTransform(cfg)
         self.seed, self.batch_size = cfg.seed, batch_size
-        self.shards, self.rank, self.epoch = shards, rank, epoch
+        self.shards, self.rank, self.epoch, self.counts = shards, rank, epoch, counts
         self.start_batch, self.batches_per_epoch, self.shuffle_buffer = start_batch, batches_per_epoch, shuffle_buffer
 
     def __len__(self) -> int:
@@ -178,7 +186,7 @@ class ShardStream(IterableDataset):
         remaining = start
         for read in itertools.count() if self.batches_per_epoch is not None else [0]:
             first = remaining // self.shuffle_buffer
-            source = ShardPass(urls, first * self.shuffle_buffer)
+            source = ShardPass(urls, first * self.shuffle_buffer, self.counts)
             drop = remaining - first * self.shuffle_buffer
             for number, window in enumerate(windows(source, self.shuffle_buffer), first):
                 rng = np.random.default_rng([self.seed, self.epoch, self.rank, part, read, number])
@@ -236,12 +244,14 @@ def check_shards(spec: str, world_size: int, num_workers: int) -> list[str]:
 
 
 def build_shard_loader(cfg: Config, shards: str, rank: int, world_size: int, epoch: int, start_batch: int = 0, *,
-                       batches_per_epoch: int | None = None, shuffle_buffer: int = 1000) -> DataLoader:
+                       batches_per_epoch: int | None = None, shuffle_buffer: int = 1000,
+                       counts: dict[str, int] | None = None) -> DataLoader:
     """Micro-batches (``stack_samples`` dicts) of this rank's share of ``epoch``, from micro-batch ``start_batch`` on.
 
     ``batches_per_epoch`` fixes the micro-batches per rank (resume is then exact for any ``start_batch``, and ``len``
     works). Without it, an epoch is one read of the shards and resume is exact only for a ``start_batch`` before the
-    first worker runs out of data, since after that the round-robin skips that worker.
+    first worker runs out of data, since after that the round-robin skips that worker. ``counts``: samples per shard
+    URL (``smim_dist.data.shard_counts``), so that a resume opens no shard before its window's.
     """
     urls = check_shards(shards, world_size, cfg.data.num_workers)
     if not 0 <= rank < world_size:
@@ -255,7 +265,7 @@ def build_shard_loader(cfg: Config, shards: str, rank: int, world_size: int, epo
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(urls))
     mine = [urls[i] for i in order[rank::world_size]]
     micro_batch = cfg.optim.micro_batch_size(world_size)
-    dataset = ShardStream(cfg, mine, rank, micro_batch, epoch, start_batch, batches_per_epoch, shuffle_buffer)
+    dataset = ShardStream(cfg, mine, rank, micro_batch, epoch, start_batch, batches_per_epoch, shuffle_buffer, counts)
     return DataLoader(dataset, batch_size=micro_batch, num_workers=cfg.data.num_workers,
                       collate_fn=stack_samples, pin_memory=torch.cuda.is_available(), drop_last=True,
                       prefetch_factor=4 if cfg.data.num_workers > 0 else None)
@@ -265,12 +275,12 @@ class ShardEpochs:
     """The shard stream behind the sampler interface the trainer uses (``set_epoch``, ``steps_per_epoch``): an epoch
     is ``data.samples_per_epoch`` samples, so every rank takes the same number of steps and resume is exact."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int):
+    def __init__(self, cfg: Config, rank: int, world_size: int, counts: dict[str, int] | None = None):
         try:
             check_shards(cfg.data.path, world_size, cfg.data.num_workers)
         except ValueError as err:
             raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from err
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.rank, self.world_size, self.counts = cfg, rank, world_size, counts
         self.steps_per_epoch = cfg.data.samples_per_epoch // cfg.optim.global_batch
         self.batches_per_epoch = self.steps_per_epoch * cfg.optim.accumulation_steps(world_size)
         self.epoch, self.start_batch = 0, 0
@@ -281,4 +291,4 @@ class ShardEpochs:
     def __iter__(self):
         return iter(build_shard_loader(self.cfg, self.cfg.data.path, self.rank, self.world_size, self.epoch,
                                        self.start_batch, batches_per_epoch=self.batches_per_epoch,
-                                       shuffle_buffer=self.cfg.data.shuffle_buffer))
+                                       shuffle_buffer=self.cfg.data.shuffle_buffer, counts=self.counts))
