@@ -256,3 +256,48 @@ def test_training_reads_the_counts_file_named_by_the_config_and_refuses_a_bad_on
     missing = tmp_path / "missing.json"
     with pytest.raises(ConfigError, match=f"data.shard_counts='{missing}' is not a counts file"):
         build_pretrain_loader(config(*common, f"data.shard_counts={missing}"), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def served_shards(photo_shards):
+    """The photo shards over HTTP from 127.0.0.1 (webdataset reads http:// through curl), counting the bytes served."""
+    import functools
+    import http.server
+    import threading
+
+    served = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile):
+            before = source.tell()
+            super().copyfile(source, outputfile)
+            served.append(source.tell() - before)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(photo_shards)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{{0..7}}.tar", served
+    server.shutdown()
+
+
+def test_shards_over_http_stream_as_local_ones_and_a_counted_resume_fetches_one_shard(served_shards, photo_shards,
+                                                                                       tmp_path, capsys):
+    from smim_dist.data.convert_cli import main as convert
+    from smim_dist.data.shard_counts import load_counts
+
+    spec, served = served_shards
+    local, _, _ = resumed_cost(f"{photo_shards}/{{0..7}}.tar", 31)
+    assert convert(["count", spec, str(tmp_path / "counts.json"), "--workers", "2"]) == 0
+    counts = load_counts(tmp_path / "counts.json", expand_shards(spec))
+    full, resumed, _ = resumed_cost(spec, 0)
+    assert_same(full, local)
+    served.clear()
+    _, resumed, _ = resumed_cost(spec, 31, counts)
+    assert_same(resumed, full[31:])
+    # resumed_cost reads its whole epoch first: the resume's own fetches are the last ones
+    shard = (photo_shards / "0.tar").stat().st_size
+    assert served[-1] == shard and sum(served) == 9 * shard, "the epoch (8 shards), then the resume's one shard"
