@@ -23,7 +23,6 @@ from pathlib import Path
 from smim_dist.data.beton_check import checksum_file, checksum_problem, structure_problem
 from smim_dist.data.convert import UsageError, convert_imagefolder, convert_webdataset
 from smim_dist.data.segmentation import convert_segmentation
-from smim_dist.data.shard_counts import write_counts
 
 
 def _summary(report: dict) -> str:
@@ -70,6 +69,8 @@ def _verify(path: Path) -> int:
 
 
 def _count(spec: str, out: Path, workers: int | None) -> int:
+    from smim_dist.data.shard_counts import write_counts  # reads shards through webdataset and torch: only here
+
     try:
         shards = write_counts(spec, out, workers)["shards"]
     except (ValueError, OSError) as err:
