@@ -25,6 +25,9 @@ def missing_files(cfg: Config) -> list[str]:
     if not cfg.data.demo and cfg.data.source == "ffcv" and not Path(cfg.data.path).is_file():
         problems.append(f"data.path={cfg.data.path!r} is not a file; data.source=ffcv reads a .beton written by "
                         "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
+    if cfg.data.shard_counts and not Path(cfg.data.shard_counts).is_file():
+        problems.append(f"data.shard_counts={cfg.data.shard_counts!r} is not a file; write it with `smim-convert count "
+                        "SHARDS FILE` (the same spec as data.path), or leave it unset")
     if cfg.eval.config_dir is not None and not Path(cfg.eval.config_dir).is_dir():
         problems.append(f"eval.config_dir={cfg.eval.config_dir}: no such folder; point it at a folder of "
                         "<protocol>.yaml files such as configs/eval, or leave it unset")

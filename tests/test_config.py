@@ -120,6 +120,7 @@ def test_errors_name_the_file_key_and_fix(tmp_path, text, overrides, message):
     (["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
     (["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),
     (["eval.config_dir=/nonexistent"], "eval.config_dir=/nonexistent: no such folder"),
+    (["data.source=webdataset", "data.shard_counts=/nonexistent.json"], "data.shard_counts='/nonexistent.json' is not"),
 ])
 def test_files_this_machine_lacks_are_refused_where_the_run_reads_them_not_at_load(overrides, message):
     """A saved run is exported or evaluated on machines without its data or tokenizer: loading checks the schema,
