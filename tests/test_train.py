@@ -319,7 +319,7 @@ def train_with_faults(nproc: int, faults: list[str], overrides: list[str], **kw)
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("source, nproc", [("ffcv", 2), ("imagefolder", 1), ("webdataset", 1)])
+@pytest.mark.parametrize("source, nproc", [("ffcv", 2), ("imagefolder", 1), ("webdataset", 1), ("webdataset", 2)])
 def test_mid_epoch_resume_after_a_skipped_step_is_exact(tmp_path, demo_data, source, nproc):
     """A NaN skips step 2; a run stopped at step 5, inside epoch 2, and resumed must give the uninterrupted loss
     curve, skipped-step count and weights' trajectory. (FFCV on one process: tests/container stops the demo mid-epoch
