@@ -40,7 +40,8 @@ def write_counts(spec: str, out: Path, workers: int | None = None) -> dict:
 
 
 def load_counts(path: str | Path, urls: list[str]) -> dict[str, int]:
-    """The sample count of each of ``urls``; errors name the file, the shard and what to do."""
+    """The sample count of each of ``urls``; errors name the file, the shard and what to do. A missing shard is left
+    to the loader's own check, which names it."""
     redo = f"count them again: smim-convert count SHARDS {path}"
     try:
         record = json.loads(Path(path).read_text())
@@ -55,7 +56,7 @@ def load_counts(path: str | Path, urls: list[str]) -> dict[str, int]:
                          f"e.g. {missing[0]!r}; {redo}")
     for url in urls:
         size = shards[url].get("bytes")
-        if size is not None and indexed(url) and Path(url).stat().st_size != size:
+        if size is not None and indexed(url) and Path(url).is_file() and Path(url).stat().st_size != size:
             raise ValueError(f"{url} is {Path(url).stat().st_size} bytes, not the {size} it had when counted in "
                              f"{path}; {redo}")
     return {url: int(shards[url]["samples"]) for url in urls}
