@@ -52,14 +52,22 @@ class UsageError(ValueError):
     """Bad arguments or input layout, found before any work; the CLI exits 2 on it."""
 
 
-def _scan(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names and (path relative to src, label) in torchvision ImageFolder's order: sorted, recursive."""
+def scan_imagefolder(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and (path relative to src, label) in torchvision ImageFolder's order: sorted, recursive; refuses
+    a tree that is not an ImageFolder."""
+    if not src.is_dir():
+        raise UsageError(f"source {src} is not a directory; expected an ImageFolder tree SRC/<class>/<image>")
     classes = sorted(entry.name for entry in os.scandir(src) if entry.is_dir())
     files = []
     for label, name in enumerate(classes):
         for root, _, names in sorted(os.walk(src / name, followlinks=True)):
             files += [(os.path.relpath(os.path.join(root, f), src), label)
                       for f in sorted(names) if os.path.splitext(f)[1].lower() in EXTENSIONS]
+    if not classes:
+        raise UsageError(f"{src} has no class folders; expected an ImageFolder tree SRC/<class>/<image>")
+    if not files:
+        raise UsageError(f"{src} has class folders but no image files in them (extensions "
+                         f"{', '.join(sorted(EXTENSIONS))}); expected SRC/<class>/<image>")
     return classes, files
 
 
@@ -125,9 +133,9 @@ class SampleReader:
     PAGE_BYTES_PER_PIXEL = 6  # raw needs 3; the margin is for JPEG beating it
     IMAGES_PER_SAMPLE = 1
 
-    def __init__(self, samples: list[tuple[str, str | Member, int]], max_side: int, share: float):
+    def __init__(self, samples: list[tuple[str, str | Member, int]], max_side: int, share: float, index_base: int = 0):
         self.names, self.sources, self.labels = (list(column) for column in zip(*samples))
-        self.max_side, self.share = max_side, share
+        self.max_side, self.share, self.index_base = max_side, share, index_base
         self.field = self.failed = None  # set in the writing process, which alone imports FFCV
 
     def __len__(self) -> int:
@@ -152,7 +160,7 @@ class SampleReader:
                   file=sys.stderr, flush=True)
             self.failed.value = 1
             raise
-        self.field.write_mode = "jpg" if _compressed(index, self.share) else "raw"
+        self.field.write_mode = "jpg" if _compressed(self.index_base + index, self.share) else "raw"
         return values
 
 
@@ -218,9 +226,23 @@ def _write_in_group(tmp: Path, samples: SampleReader, jpeg_quality: int, page_si
 
 def checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers,
                      overwrite) -> tuple[Path, dict]:
-    """The resolved output path and the report's settings, refusing bad ones before any work. ``workers`` defaults to
-    the CPUs this process may use, which respects cluster CPU limits where ``os.cpu_count`` would not."""
+    """The resolved output path and the report's settings, refusing bad ones before any work."""
     out = Path(out).resolve()
+    settings = checked_options(max_side, jpeg_quality, compress_share, raw, chunk_size, workers)
+    if out.suffix != ".beton":
+        raise UsageError(f"output {out} must end in .beton, or name a folder for a sharded data set (--shard-size)")
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; name a .beton file")
+    if out.exists() and not overwrite:
+        raise UsageError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
+    return out, settings
+
+
+def checked_options(max_side, jpeg_quality, compress_share, raw, chunk_size, workers) -> dict:
+    """The conversion's settings, refusing bad ones before any work. ``workers`` defaults to the CPUs this process
+    may use, which respects cluster CPU limits where ``os.cpu_count`` would not."""
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     share = 0.0 if raw else compress_share
     if not isinstance(max_side, int) or not 16 <= max_side <= MAX_SIDE_LIMIT:
@@ -232,19 +254,11 @@ def checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_siz
     for name, value in (("chunk_size", chunk_size), ("workers", workers)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if out.suffix != ".beton":
-        raise UsageError(f"output {out} must end in .beton")
-    if not out.parent.is_dir():
-        raise UsageError(f"output directory {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise UsageError(f"output {out} is a directory; name a .beton file")
-    if out.exists() and not overwrite:
-        raise UsageError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    return out, {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_share": share, "raw": raw,
-                 "chunk_size": chunk_size, "workers": workers}
+    return {"max_side": max_side, "jpeg_quality": jpeg_quality, "compress_share": share, "raw": raw,
+            "chunk_size": chunk_size, "workers": workers}
 
 
-def _map(function, items: list, workers: int, chunk_size: int, desc: str, unit: str) -> list:
+def map_in_workers(function, items: list, workers: int, chunk_size: int, desc: str, unit: str) -> list:
     """``function`` over ``items`` in forked workers, in order, with a progress bar. An executor, not a Pool: a Pool
     waits forever for the results of a worker that was killed (for memory, say)."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -259,13 +273,16 @@ def _map(function, items: list, workers: int, chunk_size: int, desc: str, unit: 
 
 
 def write_samples(source: str, samples: list[tuple[str, str | Member, int]], skipped: list[dict], out: Path,
-                  settings: dict, layout: dict, start: float, probe=probe_image, dataset=SampleReader) -> dict:
+                  settings: dict, layout: dict, start: float, probe=probe_image, dataset=SampleReader,
+                  index_base: int = 0) -> dict:
     """Probe ``samples`` (name, source, label), write the usable ones to ``out`` and the report beside it.
     ``skipped`` holds what the layout refused before decoding, ``layout`` the report's fields of that layout;
-    ``probe`` checks one source as ``probe_image`` does, ``dataset`` is ``SampleReader`` or a subclass."""
+    ``probe`` checks one source as ``probe_image`` does, ``dataset`` is ``SampleReader`` or a subclass;
+    ``index_base``: the first sample's position in the data set, when ``out`` is one of its shards (which samples
+    are stored as JPEG follows the position in the data set)."""
     max_side, share = settings["max_side"], settings["compress_share"]
-    probes = _map(probe, [sample[1] for sample in samples], settings["workers"], settings["chunk_size"], "checking",
-                  "img")
+    probes = map_in_workers(probe, [sample[1] for sample in samples], settings["workers"], settings["chunk_size"],
+                            "checking", "img")
     good, converted, largest = [], {}, 0
     for sample, (reason, mode, width, height) in zip(samples, probes):
         if reason:
@@ -288,11 +305,11 @@ def write_samples(source: str, samples: list[tuple[str, str | Member, int]], ski
     tmp_report = out.parent / private_name(f".{out.name}.report.json.tmp-")
     report_path = out.parent / f"{out.name}.report.json"
     try:
-        _write_in_group(tmp, dataset(good, max_side, share), settings["jpeg_quality"], page_size,
+        _write_in_group(tmp, dataset(good, max_side, share, index_base), settings["jpeg_quality"], page_size,
                         settings["workers"], settings["chunk_size"])
         report = {
             "source": source, "output": str(out), "written": len(good),
-            "compressed": int(np.count_nonzero(_compressed(np.arange(len(good)), share))),
+            "compressed": int(np.count_nonzero(_compressed(index_base + np.arange(len(good)), share))),
             "skipped": skipped, "converted": dict(sorted(converted.items())), **layout,
             "settings": {**settings, "page_size": page_size},
             "bytes": tmp.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
@@ -315,19 +332,12 @@ def convert_imagefolder(src, out, max_side: int = 512, jpeg_quality: int = 90, c
     start = time.perf_counter()
     out, settings = checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
     src = Path(src).resolve()
-    if not src.is_dir():
-        raise UsageError(f"source {src} is not a directory; expected an ImageFolder tree SRC/<class>/<image>")
-    classes, files = _scan(src)
-    if not classes:
-        raise UsageError(f"{src} has no class folders; expected an ImageFolder tree SRC/<class>/<image>")
-    if not files:
-        raise UsageError(f"{src} has class folders but no image files in them (extensions "
-                         f"{', '.join(sorted(EXTENSIONS))}); expected SRC/<class>/<image>")
+    classes, files = scan_imagefolder(src)
     samples = [(rel, str(src / rel), label) for rel, label in files]
     return write_samples(str(src), samples, [], out, settings, {"classes": classes}, start)
 
 
-def _local_shards(spec: str) -> list[str]:
+def local_shards(spec: str) -> list[str]:
     """The shard paths of ``spec``, refusing what cannot be read at an offset: pipe: commands, URLs, missing files."""
     from smim_dist.data.shards import expand_shards  # imports torch, which imagefolder conversions need not wait for
 
@@ -356,8 +366,8 @@ def convert_webdataset(shards: str, out, max_side: int = 512, jpeg_quality: int 
     converted."""
     start = time.perf_counter()
     out, settings = checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
-    paths = _local_shards(shards)
-    indexed = _map(index_tar, paths, settings["workers"], 1, "indexing", "shard")
+    paths = local_shards(shards)
+    indexed = map_in_workers(index_tar, paths, settings["workers"], 1, "indexing", "shard")
     samples = [sample for found, _ in indexed for sample in found]
     skipped = [skip for _, skips in indexed for skip in skips]
     return write_samples(shards, samples, skipped, out, settings, {"shards": len(paths)}, start)

@@ -26,8 +26,10 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from smim_dist.config import Config, ConfigError
 from smim_dist.data.beton_check import open_beton
+from smim_dist.data.ffcv_union import UnionLoader
 from smim_dist.data.ffcv_ops import EpochClock, ResizeDecoder, SeededCropDecoder, SeededPatchMasks
 from smim_dist.data.sampler import ResumableDistributedSampler
+from smim_dist.data.sharded_beton import ShardedReader, is_sharded
 from smim_dist.data.masking import build_mask_generator
 from smim_dist.vit_sizes import image_grid
 
@@ -36,14 +38,14 @@ EVAL_CROP_RATIO = 224 / 256
 """centre crop = this share of the shorter side, as in the standard ImageNet evaluation"""
 
 
-def check_beton(path: str | Path, img_size: int, min_samples: int, verify: bool = False) -> Reader:
-    """Open a .beton and check it can feed pre-training (``verify``: its checksum too, where that is cheap); errors
-    name the file and what to do."""
+def check_beton(path: str | Path, img_size: int, min_samples: int, verify: bool = False) -> Reader | ShardedReader:
+    """Open a .beton or a sharded data set (a folder) and check it can feed pre-training (``verify``: its checksums
+    too, where that is cheap); errors name the file and what to do."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"data.path={str(path)!r} does not exist; data.source=ffcv reads a .beton file written by "
                           "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
-    reader = open_beton(path, verify)
+    reader = ShardedReader(path, verify) if is_sharded(path) else open_beton(path, verify)
     fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
     for name, kind in REQUIRED_FIELDS.items():
         if not isinstance(reader.handlers.get(name), kind):
@@ -91,9 +93,12 @@ def _torch_threads_kept():
         torch.set_num_threads(threads)
 
 
-def _new_loader(**kwargs) -> Loader:
+def _new_loader(fname: str, **kwargs) -> Loader:
+    """FFCV's loader of the .beton ``fname``, or ``UnionLoader`` for a sharded data set (a folder)."""
     with _torch_threads_kept():
-        return Loader(**kwargs)
+        if is_sharded(fname):
+            return UnionLoader(ShardedReader(fname), **kwargs)
+        return Loader(fname, **kwargs)
 
 
 class FFCVPretrainLoader:
@@ -184,7 +189,7 @@ class FFCVEvalLoader:
 
     def __init__(self, path: str | Path, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 4):
-        num_samples = open_beton(path).num_samples
+        num_samples = (ShardedReader(path) if is_sharded(path) else open_beton(path)).num_samples
         self.loader = _new_loader(
             fname=str(path), batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
             drop_last=False, indices=np.arange(rank, num_samples, world_size, dtype=np.uint64),
