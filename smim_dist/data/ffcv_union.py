@@ -55,7 +55,7 @@ class UnionMemory(MemoryManager):
         return self.context
 
     @property
-    def state_type(self):
+    def state_type(self):  # abstract in FFCV's MemoryManager
         readonly = nb.types.Array(nb.uint64, 1, "C", readonly=True)
         return nb.types.Tuple([nb.int32[::1], readonly, readonly])
 
@@ -74,7 +74,9 @@ class UnionMemory(MemoryManager):
                 done += np.uint64(got)
             return out
 
-        return Compiler.compile(read, nb.uint8[::1](nb.uint64, self.state_type))
+        # typed at its first call: FFCV's OSCacheManager.state_type marks numba's shared uint8[::1] type read-only,
+        # so a signature naming it would refuse this function's fresh arrays once any single-file loader exists
+        return Compiler.compile(read)
 
 
 class UnionLoader(Loader):
