@@ -22,9 +22,10 @@ def missing_files(cfg: Config) -> list[str]:
     if not cfg.data.demo and cfg.data.source == "imagefolder" and not (Path(cfg.data.path) / "train").is_dir():
         problems.append(f"data.path={cfg.data.path!r} has no train/ folder; data.source=imagefolder expects "
                         "<path>/train/<class>/<image> (the ImageNet layout)")
-    if not cfg.data.demo and cfg.data.source == "ffcv" and not Path(cfg.data.path).is_file():
-        problems.append(f"data.path={cfg.data.path!r} is not a file; data.source=ffcv reads a .beton written by "
-                        "`smim-convert imagefolder SRC OUT.beton` (or set data.demo=true for the embedded demo set)")
+    if not cfg.data.demo and cfg.data.source == "ffcv" and not Path(cfg.data.path).exists():
+        problems.append(f"data.path={cfg.data.path!r} does not exist; data.source=ffcv reads a .beton, or the folder "
+                        "of a sharded one, written by `smim-convert imagefolder SRC OUT.beton` (or set data.demo=true "
+                        "for the embedded demo set)")
     if cfg.data.shard_counts and not Path(cfg.data.shard_counts).is_file():
         problems.append(f"data.shard_counts={cfg.data.shard_counts!r} is not a file; write it with `smim-convert count "
                         "SHARDS FILE` (the same spec as data.path), or leave it unset")

@@ -118,7 +118,7 @@ def test_errors_name_the_file_key_and_fix(tmp_path, text, overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (["target.kind=beit"], "target.tokenizer_path"),
     (["data.demo=false", "data.source=imagefolder", "data.path=/nonexistent"], "has no train/ folder"),
-    (["data.demo=false", "data.path=/nonexistent.beton"], "is not a file; data.source=ffcv reads a .beton"),
+    (["data.demo=false", "data.path=/nonexistent.beton"], "does not exist; data.source=ffcv reads a .beton"),
     (["eval.config_dir=/nonexistent"], "eval.config_dir=/nonexistent: no such folder"),
     (["data.source=webdataset", "data.shard_counts=/nonexistent.json"], "data.shard_counts='/nonexistent.json' is not"),
 ])
