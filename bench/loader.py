@@ -1,5 +1,5 @@
-"""Pre-training loader throughput, side by side: FFCV at several storage settings, the classic PIL + torchvision
-ImageFolder DataLoader, this project's image-file loader, and webdataset shards.
+"""Pre-training loader throughput, side by side: FFCV at several storage settings and as a sharded data set, the
+classic PIL + torchvision ImageFolder DataLoader, this project's image-file loader, and webdataset shards.
 
     python bench/loader.py --images 512 --workers 2
     python bench/loader.py --op-times     # microseconds per sample of each FFCV decoder step, one thread
@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from smim_dist.config import Config, load_config
-from smim_dist.data.convert import convert_imagefolder
+from smim_dist.data.convert import checked_options, convert_imagefolder
+from smim_dist.data.convert_shards import plan_imagefolder, run_task, start
 from smim_dist.data.ffcv_ops import flip_in_place, jitter_in_place
 from smim_dist.data.pretrain_loader import build_pretrain_loader
 from smim_dist.data.masking import build_mask_generator
@@ -113,6 +114,18 @@ FFCV_SETTINGS = {
 }
 
 
+SHARDS = 8
+SHARDED_ROW = f"FFCV, half JPEG / half raw, 512, {SHARDS} shards"
+"""the row above it, written as a sharded data set"""
+
+
+def write_sharded_beton(source: Path, folder: Path, shard_size: int, workers: int) -> Path:
+    settings = checked_options(512, 90, 0.5, False, 100, workers)
+    folder = start(folder, plan_imagefolder(source, shard_size, settings), overwrite=False)
+    run_task(folder, settings)
+    return folder
+
+
 def time_decoder_ops(calls: int = 2000) -> None:
     """Microseconds per 224 px sample of each step of FFCV's pre-training decoder on one photograph, with the
     image-file loader's colour jitter (torchvision's uint8 functions, which the decoder's reproduces) beside it; one
@@ -167,6 +180,8 @@ def main() -> None:
             beton = root / f"{len(rows)}.beton"
             convert_imagefolder(root / "folder" / "train", beton, workers=args.workers, **settings)
             rows[name] = images_per_second([*common, "data.source=ffcv", f"data.path={beton}"], batches)
+        sharded = write_sharded_beton(root / "folder" / "train", root / "sharded", args.images // SHARDS, args.workers)
+        rows[SHARDED_ROW] = images_per_second([*common, "data.source=ffcv", f"data.path={sharded}"], batches)
         rows["image files (this project, torch DataLoader)"] = images_per_second(
             [*common, "data.source=imagefolder", f"data.path={root / 'folder'}"], batches)
         rows["webdataset shards"] = images_per_second(
@@ -178,6 +193,7 @@ def main() -> None:
     for name, rate in rows.items():
         print(f"  {name:46s} {rate:8.1f} images/s  {rate / args.workers:7.1f} per worker  "
               f"{rate / baseline:5.2f}x PIL")
+    print(f"sharded / single .beton: {rows[SHARDED_ROW] / rows['FFCV, half JPEG / half raw, 512']:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@ requeued job pays per loader worker.
     python bench/stream_resume.py                       # 16 shards x 256 samples of ~30 kB
     python bench/stream_resume.py --shards 32 --per-shard 512
     python bench/stream_resume.py --shards 32 --per-shard 512 --counts   # with data.shard_counts (smim-convert count)
+    python bench/stream_resume.py --shards 32 --per-shard 512 --sharded-beton   # the same tars as .beton shards
 
 Writes img2dataset-like shards (a noise JPEG of 160 px, ~30 kB, a .txt and a .json per sample) to a temporary
 folder, then for each start takes the first batch of one rank's stream with one loader worker (``ShardStream``
 iterated in this process, as ``data.num_workers=0`` runs it; with W workers each reads its own part of the shards,
 about 1/W of these bytes) and counts the bytes this process read (``rchar`` of /proc/self/io: every read syscall,
-page cache hits included).
+page cache hits included). ``--sharded-beton`` converts the tars to a sharded .beton (4 tars a shard) and takes the
+first batch of the FFCV loader started at each position instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import tempfile
@@ -56,12 +59,36 @@ def first_batch_cost(cfg, urls: list[str], batches: int, start_batch: int, count
     return bytes_read() - before
 
 
+def first_beton_batch_cost(cfg, start_batch: int) -> int:
+    from smim_dist.data.pretrain_loader import build_pretrain_loader
+
+    before = bytes_read()
+    loader, positioner = build_pretrain_loader(cfg, 0, 1)
+    positioner.set_epoch(0, start_batch)
+    next(iter(loader))
+    return bytes_read() - before
+
+
+def sharded_beton_config(cfg, folder: Path, tars: str):
+    """The tars as a sharded .beton in ``folder``, and ``cfg`` reading it with one FFCV thread."""
+    from smim_dist.data.convert import checked_options
+    from smim_dist.data.convert_shards import plan_webdataset, run_task, start
+
+    settings = checked_options(160, 90, 1.0, False, 100, 2)
+    run_task(start(folder / "beton", plan_webdataset(tars, 4, settings), False), settings)
+    return load_config(REPO / "configs/demo_cpu.yaml", [f"optim.micro_batch={cfg.optim.micro_batch}",
+                                                      f"optim.global_batch={cfg.optim.global_batch}",
+                                                      "model.img_size=32", "data.demo=false", "data.num_workers=1",
+                                                      f"data.path={folder / 'beton'}"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--counts", action="store_true", help="count the shards first and resume with the counts")
+    parser.add_argument("--sharded-beton", action="store_true", help="resume FFCV on the tars as a sharded .beton")
     args = parser.parse_args()
     cfg = load_config(REPO / "configs/demo_cpu.yaml", [f"optim.micro_batch={args.micro_batch}",
                                                       f"optim.global_batch={args.micro_batch}", "model.img_size=32"])
@@ -78,9 +105,15 @@ def main() -> None:
               + (", with the shards' counts" if counts else ""))
         print("| resumed at | bytes read before the first batch | of the epoch's bytes |")
         print("|---|---|---|")
-        first_batch_cost(cfg, urls, batches, 0)  # imports and opens what a first decode needs, uncounted
+        if args.sharded_beton:
+            beton = sharded_beton_config(cfg, Path(folder), f"{folder}/{{00000..{args.shards - 1:05d}}}.tar")
+            print("(a sharded .beton of those images, the FFCV loader with one thread)")
+            measure = functools.partial(first_beton_batch_cost, beton)
+        else:
+            measure = functools.partial(first_batch_cost, cfg, urls, batches, counts=counts)
+        measure(start_batch=0)  # imports and opens what a first decode needs, uncounted
         for fraction in (0.0, 0.1, 0.9):
-            cost = first_batch_cost(cfg, urls, batches, int(fraction * batches), counts)
+            cost = measure(start_batch=int(fraction * batches))
             print(f"| {fraction:.0%} | {cost / 2**20:.1f} MiB | {cost / size:.0%} |")
 
 

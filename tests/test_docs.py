@@ -178,6 +178,21 @@ def run_cli(command: Command, ws: Workspace) -> None:
     in_process(main, argv[1:], ws.root)
 
 
+SLURM_ONLY_OPTIONS = {"--tasks", "--cpus-per-task", "--time", "--partition", "--array-parallelism", "--setup"}
+
+
+def convert_here_instead_of_slurm(command: Command, ws: Workspace) -> None:
+    """A conversion submitted as a SLURM job array runs here as one local task writing the same folder, which the
+    next commands read (the job array itself is tests/slurm/test_convert_array.py's)."""
+    from smim_dist.data.convert_cli import main as convert
+
+    argv, local = ws.adapt(command.argv), []
+    for previous, token in zip(["", *argv], argv):
+        if token != "--slurm" and token not in SLURM_ONLY_OPTIONS and previous not in SLURM_ONLY_OPTIONS:
+            local.append(token)
+    in_process(convert, local[1:], ws.root)
+
+
 def run_slurm_launcher(command: Command, ws: Workspace) -> None:
     """On a machine with SLURM too: a dry run checks everything a submission would but sbatch's acceptance. Its runs
     go to a folder of their own (runs/ holds the evaluation commands' tiny runs under the paper configs' names)."""
@@ -242,7 +257,8 @@ RULES: list[tuple[str, Callable[[Command, Workspace], None]]] = [
         "runs with its node 0 (the --node-rank 0 command) as one pair")),
     (r"python launchers/local\.py --nnodes 2 (--node-rank 0|--rdzv-endpoint) .*", run_node_pair),
     (r"python launchers/slurm\.py .*", run_slurm_launcher),
-    (r"smim-(eval|export|convert|status) .*", run_cli),
+    (r"smim-(eval|export|status) .*|smim-convert (?!.* --slurm).*", run_cli),
+    (r"smim-convert .* --slurm( .*)?", convert_here_instead_of_slurm),
     (r"torchrun --nproc_per_node \d+ -m smim_dist\.eval\.cli .*", lambda command, ws: run(ws.adapt(command.argv),
                                                                                              ws.root)),
     (r"(docker|apptainer|enroot) .*", needs_a_container_engine),
