@@ -4,6 +4,7 @@ The SLURM job array that writes one is tests/slurm/test_convert_array.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import time
 
 import pytest
 import torch
+import webdataset
+from PIL import Image
 
 from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
 from smim_dist.config import ConfigError, load_config
@@ -144,6 +147,36 @@ def test_webdataset_tars_convert_to_shards_of_whole_tars(demo_root, tmp_path):
     assert [shard["samples"] for shard in manifest["shards"]] == [24, 24, 16], "8 tars of 8 samples, 3 per shard"
     batches = epoch_batches(config(out), 0)
     assert len(batches) == 8 and sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(64))
+
+
+def write_img2dataset_tars(folder, sizes):
+    """img2dataset's layout: a resized .jpg, a .txt caption and a .json with the original and the stored size."""
+    folder.mkdir()
+    for shard, originals in enumerate(sizes):
+        with webdataset.TarWriter(str(folder / f"{shard:05d}.tar")) as sink:
+            for i, (width, height) in enumerate(originals):
+                image = io.BytesIO()
+                Image.new("RGB", (48, 32), (40 * i, 80, 120)).save(image, format="JPEG")
+                meta = {"width": 48, "height": 32, "original_width": width, "original_height": height}
+                sink.write({"__key__": f"{shard:05d}{i:04d}", "jpg": image.getvalue(), "txt": b"a caption",
+                            "json": json.dumps(meta).encode()})
+    return f"{folder}/{{00000..{len(sizes) - 1:05d}}}.tar"
+
+
+def test_img2dataset_samples_below_min_size_are_skipped_and_reported(tmp_path):
+    spec = write_img2dataset_tars(tmp_path / "tars", [[(640, 480), (90, 400), (300, 300)], [(1024, 99), (100, 100)]])
+    out = tmp_path / "laion"
+    assert convert(["webdataset", spec, str(out), "--shard-size", "1", "--min-size", "100", "--max-side", "48",
+                    "--workers", "1"]) == 0
+    reports = [json.loads((out / f"shard-0000{n}.beton.report.json").read_text()) for n in (0, 1)]
+    assert [report["written"] for report in reports] == [2, 1]
+    assert [skip["reason"] for report in reports for skip in report["skipped"]] == [
+        "90x400 in its .json, smaller than --min-size 100", "1024x99 in its .json, smaller than --min-size 100"]
+    assert convert(["webdataset", spec, str(tmp_path / "one.beton"), "--min-size", "100", "--max-side", "48",
+                    "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "one.beton.report.json").read_text())["written"] == 3
+    with pytest.raises(SystemExit, match="2"):
+        convert(["webdataset", spec, str(tmp_path / "x.beton"), "--min-size", "-1"])
 
 
 @pytest.mark.e2e

@@ -13,6 +13,7 @@ file, sample or shard with the reason and counts the images converted to RGB.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -358,16 +359,22 @@ def local_shards(spec: str) -> list[str]:
 
 def convert_webdataset(shards: str, out, max_side: int = 512, jpeg_quality: int = 90, compress_share: float = 0.5,
                        raw: bool = False, chunk_size: int = 100, workers: int | None = None,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, min_size: int = 0) -> dict:
     """Convert local, uncompressed webdataset tar shards in img2dataset's layout (``shards``: a brace pattern, a
     comma-separated list or one path) to the FFCV file ``out``, as ``convert_imagefolder`` does. A sample's image is
     its first .jpg, .jpeg, .png or .webp member (extensions in any case), its label the integer in its .cls member or
-    -1 without one; .txt and .json members are ignored. A damaged shard is reported, and its samples before the damage
-    converted."""
+    -1 without one; .txt members are ignored, and .json ones read only for ``min_size`` (``index_tar``). A damaged
+    shard is reported, and its samples before the damage converted."""
     start = time.perf_counter()
     out, settings = checked_settings(out, max_side, jpeg_quality, compress_share, raw, chunk_size, workers, overwrite)
     paths = local_shards(shards)
-    indexed = map_in_workers(index_tar, paths, settings["workers"], 1, "indexing", "shard")
-    samples = [sample for found, _ in indexed for sample in found]
-    skipped = [skip for _, skips in indexed for skip in skips]
-    return write_samples(shards, samples, skipped, out, settings, {"shards": len(paths)}, start)
+    samples, skipped = index_tars(paths, min_size, settings["workers"])
+    return write_samples(shards, samples, skipped, out, settings, {"shards": len(paths), "min_size": min_size}, start)
+
+
+def index_tars(paths: list[str], min_size: int, workers: int) -> tuple[list, list[dict]]:
+    """``index_tar`` of each shard in worker processes: all their samples and all their skips."""
+    if not isinstance(min_size, int) or min_size < 0:
+        raise UsageError(f"min_size must be a non-negative integer (pixels), got {min_size!r}")
+    indexed = map_in_workers(functools.partial(index_tar, min_size=min_size), paths, workers, 1, "indexing", "shard")
+    return [sample for found, _ in indexed for sample in found], [skip for _, skips in indexed for skip in skips]

@@ -86,6 +86,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
+    return value
+
+
 def _minutes(text: str) -> int:
     value = slurm_minutes(text)
     if value is None:
@@ -100,7 +107,7 @@ def _sharded(args: argparse.Namespace) -> int:
     settings = checked_options(args.max_side, args.jpeg_quality, args.compress_share, args.raw, args.chunk_size,
                                args.workers)
     plan = (plan_imagefolder(args.source, args.shard_size, settings) if args.layout == "imagefolder"
-            else plan_webdataset(args.source, args.shard_size, settings))
+            else plan_webdataset(args.source, args.shard_size, settings, args.min_size))
     folder = start(args.out, plan, args.overwrite)
     shards = len(plan["shards"])
     if args.slurm:
@@ -187,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a brace pattern ('/data/laion/{00000..00099}.tar', quoted), a comma-separated list or "
                              "one path")
     _add_options(shards)
+    shards.add_argument("--min-size", type=_non_negative, default=0,
+                        help="skip samples whose img2dataset .json gives a shorter side below this many pixels (the "
+                             "original size where it was resized; default 0: keep all)")
     _add_shard_options(shards, "input tars")
     pairs = sub.add_parser("segmentation", help="images and label maps (class ids, mode P or L) paired by file stem")
     pairs.add_argument("source", metavar="images", type=Path, help="the image folder, searched recursively")
@@ -207,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         return _count(args.source, args.out, args.workers)
     if args.layout == "segmentation":
         convert = functools.partial(_segmentation, masks=args.masks)
+    elif args.layout == "webdataset":
+        convert = functools.partial(convert_webdataset, min_size=args.min_size)
     else:
-        convert = convert_imagefolder if args.layout == "imagefolder" else convert_webdataset
+        convert = convert_imagefolder
     # SLURM preempts with SIGTERM: turn it into an exception so the temporary file is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:

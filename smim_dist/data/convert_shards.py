@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from smim_dist.data.beton_check import checksum_file, structure_problem
-from smim_dist.data.convert import UsageError, local_shards, map_in_workers, scan_imagefolder, write_samples
+from smim_dist.data.convert import UsageError, index_tars, local_shards, scan_imagefolder, write_samples
 from smim_dist.data.sharded_beton import INDEX, MANIFEST, read_manifest, write_manifest
-from smim_dist.data.tar_index import index_tar
 from smim_dist.files import write_atomic
 
 PLAN = "plan.json"
@@ -45,12 +44,13 @@ def plan_imagefolder(src: str | Path, shard_size: int, settings: dict) -> dict:
     return _plan("imagefolder", str(src), settings, shards, classes=classes)
 
 
-def plan_webdataset(spec: str, tars_per_shard: int, settings: dict) -> dict:
-    """One shard per ``tars_per_shard`` input tars, in the spec's order; samples are counted as their tars are read."""
+def plan_webdataset(spec: str, tars_per_shard: int, settings: dict, min_size: int = 0) -> dict:
+    """One shard per ``tars_per_shard`` input tars, in the spec's order; samples are counted as their tars are read
+    (``min_size``: see ``index_tar``)."""
     paths = local_shards(spec)
     shards = [{"name": shard_name(number), "inputs": paths[start:start + tars_per_shard]}
               for number, start in enumerate(range(0, len(paths), tars_per_shard))]
-    return _plan("webdataset", spec, settings, shards)
+    return _plan("webdataset", spec, settings, shards, min_size=min_size)
 
 
 def _plan(layout: str, source: str, settings: dict, shards: list[dict], **extra) -> dict:
@@ -116,9 +116,8 @@ def write_shard(folder: Path, plan: dict, number: int, settings: dict) -> None:
         samples = [(rel, str(src / rel), label) for rel, label in shard["inputs"]]
         skipped, layout = [], {"classes": plan["classes"]}
     else:
-        indexed = map_in_workers(index_tar, shard["inputs"], settings["workers"], 1, "indexing", "shard")
-        samples = [sample for found, _ in indexed for sample in found]
-        skipped, layout = [skip for _, skips in indexed for skip in skips], {"shards": len(shard["inputs"])}
+        samples, skipped = index_tars(shard["inputs"], plan["min_size"], settings["workers"])
+        layout = {"shards": len(shard["inputs"]), "min_size": plan["min_size"]}
     print(f"smim-convert: writing {out.name} ({number + 1} of {len(plan['shards'])})", file=sys.stderr, flush=True)
     write_samples(plan["source"], samples, skipped, out, {**settings, **plan["settings"]}, layout, started,
                   index_base=shard.get("index_base", 0))

@@ -4,6 +4,7 @@ in any order and from any process, without unpacking the shard."""
 
 from __future__ import annotations
 
+import json
 import tarfile
 
 __all__ = ["IMAGE_EXTENSIONS", "Member", "index_tar", "read_member"]
@@ -25,13 +26,15 @@ def read_member(member: Member) -> bytes:
     return data
 
 
-def index_tar(path: str) -> tuple[list[tuple[str, Member, int]], list[dict]]:
+def index_tar(path: str, min_size: int = 0) -> tuple[list[tuple[str, Member, int]], list[dict]]:
     """A shard's samples as (name "shard:member", image member, label), and its skips as report entries.
 
     Members sharing a key (the name up to the first dot of the basename, as webdataset splits it) form a sample; its
-    label is the integer in its .cls member, -1 without one; .txt and .json captions and metadata are not read. A
-    shard that breaks off keeps the samples before the break, less the one it cuts into, which may have lost members
-    such as its .cls.
+    label is the integer in its .cls member, -1 without one; .txt captions are not read. With ``min_size``, a sample
+    whose .json (img2dataset's) gives a shorter side below it is skipped: ``original_width`` / ``original_height``
+    where img2dataset resized the image, else ``width`` / ``height``; a sample without those sizes is kept. A shard
+    that breaks off keeps the samples before the break, less the one it cuts into, which may have lost members such
+    as its .cls.
     """
     samples, skipped, groups = [], [], {}
     try:
@@ -59,5 +62,25 @@ def index_tar(path: str) -> tuple[list[tuple[str, Member, int]], list[dict]]:
         except (ValueError, EOFError) as err:
             skipped.append({"path": f"{path}:{infos['cls'].name}", "reason": f"{type(err).__name__}: {err}"})
             continue
+        too_small = min_size and "json" in infos and _too_small(path, infos["json"], min_size)
+        if too_small:
+            skipped.append({"path": f"{path}:{key}", "reason": too_small})
+            continue
         samples.append((f"{path}:{image.name}", (path, image.offset_data, image.size), label))
     return samples, skipped
+
+
+def _too_small(path: str, info: tarfile.TarInfo, min_size: int) -> str | None:
+    """Why img2dataset's .json puts the sample below ``min_size``, or None (also when it gives no sizes)."""
+    try:
+        meta = json.loads(read_member((path, info.offset_data, info.size)))
+    except (ValueError, EOFError) as err:
+        return f"unreadable {info.name} ({type(err).__name__}: {err})"
+    if not isinstance(meta, dict):
+        return None
+    for width_key, height_key in (("original_width", "original_height"), ("width", "height")):
+        width, height = meta.get(width_key), meta.get(height_key)
+        if isinstance(width, int) and isinstance(height, int):
+            small = min(width, height) < min_size
+            return f"{width}x{height} in its .json, smaller than --min-size {min_size}" if small else None
+    return None
