@@ -105,14 +105,15 @@ def pixel_decoder():
 
 class SquareImageDecoder(Operation):
     """A decoder of ``RGBImageField`` samples into ``size`` x ``size`` x 3 uint8, with room to decode the largest
-    JPEG of the file per batch slot."""
+    JPEG of the file per batch slot: ``largest`` pixels where the caller knows it (a sharded set's manifest records
+    it), else found by a pass over every sample's metadata."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, largest: int | None = None):
         super().__init__()
-        self.size = size
+        self.size, self.largest = size, largest
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
-        largest = int(self.metadata["width"].astype(np.uint64).max() * self.metadata["height"].astype(np.uint64).max())
+        largest = self.largest or int(self.metadata["width"].max()) * int(self.metadata["height"].max())
         shape = (self.size, self.size, 3)
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")),
                 (AllocationQuery(shape, np.dtype("u1")), AllocationQuery((3 * largest,), np.dtype("u1"))))
@@ -123,8 +124,8 @@ class SeededCropDecoder(SquareImageDecoder):
     and jitter it: the crop box, flip and factors are those ``PretrainTransform`` draws for the same sample."""
 
     def __init__(self, size: int, seed: int, clock: EpochClock, scale: tuple[float, float],
-                 ratio: tuple[float, float], hflip: float, color_jitter: float):
-        super().__init__(size)
+                 ratio: tuple[float, float], hflip: float, color_jitter: float, largest: int | None = None):
+        super().__init__(size, largest)
         self.seed, self.clock = seed, clock
         self.scale, self.ratio, self.hflip, self.color_jitter = scale, ratio, hflip, color_jitter
 

@@ -82,8 +82,9 @@ def write_index(folder: Path, shards: list[dict]) -> dict:
     samples = sum(shard["samples"] for shard in shards)
     allocations = sum(_allocations(path) for path in paths)
     pointer_fields = [f"f{i}" for i in range(len(names)) if "data_ptr" in (dtype[f"f{i}"].names or ())]
-    index_field = f"f{names.index('index')}"
+    index_field, image_field = f"f{names.index('index')}", f"f{names.index('image')}"
     layout = {"samples": samples, "allocations": allocations, "metadata_itemsize": dtype.itemsize}
+    largest = {"width": 0, "height": 0}
 
     def write(tmp: Path) -> None:
         size = samples * dtype.itemsize + allocations * 16
@@ -101,6 +102,8 @@ def write_index(folder: Path, shards: list[dict]) -> dict:
             for field in pointer_fields:
                 part[field]["data_ptr"] += base
             part[index_field] = np.arange(sample_at, sample_at + len(part))
+            for side in largest:
+                largest[side] = max(largest[side], int(part[image_field][side].max()))
             metadata[sample_at:sample_at + len(part)] = part
             table = np.sort(reader.alloc_table, order="ptr")
             ptrs[allocation_at:allocation_at + len(table)] = table["ptr"] + base
@@ -111,7 +114,8 @@ def write_index(folder: Path, shards: list[dict]) -> dict:
 
     index = folder / INDEX
     replace_atomically(index, write)
-    return {"name": INDEX, **layout, "bytes": index.stat().st_size, "sha256": sha256_of(index)}
+    return {"name": INDEX, **layout, "max_width": largest["width"], "max_height": largest["height"],
+            "bytes": index.stat().st_size, "sha256": sha256_of(index)}
 
 
 def _sections(path: Path, dtype: np.dtype, layout: dict, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,6 +213,11 @@ class ShardedReader:
             raise ConfigError(f"{self.folder / INDEX} was written for another FFCV version; rerun smim-convert")
         self.metadata, self.ptrs, self.sizes = (np.asarray(section) for section in
                                                 _sections(self.folder / INDEX, dtype, layout, "r"))
+
+    @property
+    def largest_image(self) -> int:
+        """Pixels of the largest image any sample may hold (the largest width x the largest height)."""
+        return self.manifest["index"]["max_width"] * self.manifest["index"]["max_height"]
 
     @property
     def file_name(self) -> str:
