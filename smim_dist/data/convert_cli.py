@@ -102,7 +102,8 @@ def _minutes(text: str) -> int:
 
 def _sharded(args: argparse.Namespace) -> int:
     """Plan, write (here, as one of several tasks, or as a SLURM job array) and finish a sharded data set."""
-    from smim_dist.data.convert_shards import finish, plan_imagefolder, plan_webdataset, progress, run_task, start
+    from smim_dist.data.convert_shards import finish, plan_imagefolder, plan_webdataset, run_task, start
+    from smim_dist.data.sharded_beton import progress
 
     settings = checked_options(args.max_side, args.jpeg_quality, args.compress_share, args.raw, args.chunk_size,
                                args.workers)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from smim_dist.data.beton_check import checksum_file, structure_problem
 from smim_dist.data.convert import UsageError, index_tars, local_shards, scan_imagefolder, write_samples
-from smim_dist.data.sharded_beton import INDEX, MANIFEST, read_manifest, write_manifest
+from smim_dist.data.sharded_beton import (INDEX, MANIFEST, PLAN, is_written, read_manifest, shard_report,
+                                          write_manifest)
 from smim_dist.files import write_atomic
 
-PLAN = "plan.json"
 PLAN_VERSION = 1
 FORMAT_SETTINGS = ("max_side", "jpeg_quality", "compress_share", "raw")
 """what a shard's bytes depend on, so every task must share it; workers and chunk size may differ per task"""
@@ -28,10 +28,6 @@ FORMAT_SETTINGS = ("max_side", "jpeg_quality", "compress_share", "raw")
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.beton"
-
-
-def _report(path: Path) -> Path:
-    return path.with_name(path.name + ".report.json")
 
 
 def plan_imagefolder(src: str | Path, shard_size: int, settings: dict) -> dict:
@@ -93,21 +89,11 @@ def load_plan(folder: Path) -> dict:
     return plan
 
 
-def _is_written(path: Path) -> bool:
-    return path.is_file() and _report(path).is_file()
-
-
-def progress(folder: Path) -> tuple[int, int]:
-    """(shards written, shards planned)."""
-    shards = load_plan(folder)["shards"]
-    return sum(_is_written(folder / shard["name"]) for shard in shards), len(shards)
-
-
 def write_shard(folder: Path, plan: dict, number: int, settings: dict) -> None:
     """Shard ``number`` of the plan, unless it is already written."""
     shard = plan["shards"][number]
     out = folder / shard["name"]
-    if _is_written(out):
+    if is_written(out):
         return
     (folder / MANIFEST).unlink(missing_ok=True)  # the set is not whole until this shard is
     started = time.perf_counter()
@@ -141,14 +127,14 @@ def finish(folder: Path, plan: dict) -> dict | None:
     shards = []
     for shard in plan["shards"]:
         path = folder / shard["name"]
-        if not _is_written(path):
+        if not is_written(path):
             return None
         problem = structure_problem(path)
         if problem:
-            _report(path).unlink(missing_ok=True)
+            shard_report(path).unlink(missing_ok=True)
             raise RuntimeError(f"{path} is damaged ({problem}); removed its report: run the command again to "
                                "rewrite it")
-        report = json.loads(_report(path).read_text())
+        report = json.loads(shard_report(path).read_text())
         shards.append({"name": path.name, "samples": report["written"], "bytes": path.stat().st_size,
                        "sha256": checksum_file(path).read_text().split()[0], "skipped": len(report["skipped"])})
     if (folder / MANIFEST).is_file():

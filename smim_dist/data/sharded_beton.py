@@ -22,6 +22,7 @@ from smim_dist.config_loading import ConfigError
 from smim_dist.data.beton_check import CHEAP_BYTES, checksum_problem, sha256_of, structure_problem
 from smim_dist.files import replace_atomically, write_atomic
 
+PLAN = "plan.json"
 MANIFEST = "manifest.json"
 INDEX = "index.bin"
 FORMAT = "smim_dist sharded beton"
@@ -34,6 +35,21 @@ MAX_SHARDS = 1 << (64 - OFFSET_BITS)
 def is_sharded(path: str | Path) -> bool:
     """Whether ``data.path`` names a sharded data set (a folder) rather than one .beton file."""
     return Path(path).is_dir()
+
+
+def shard_report(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".report.json")
+
+
+def is_written(shard: Path) -> bool:
+    """A shard is whole once its report is in place: ``write_samples`` renames it after the shard and its checksum."""
+    return shard.is_file() and shard_report(shard).is_file()
+
+
+def progress(folder: Path) -> tuple[int, int]:
+    """(shards written, shards planned) of a conversion."""
+    shards = json.loads((folder / PLAN).read_text())["shards"]
+    return sum(is_written(folder / shard["name"]) for shard in shards), len(shards)
 
 
 def _header(path: Path):
@@ -143,8 +159,6 @@ def read_manifest(folder: Path) -> dict:
     """The manifest of ``folder``, checked against the files beside it by size (a ``stat`` per shard)."""
     path = folder / MANIFEST
     if not path.is_file():
-        from smim_dist.data.convert_shards import PLAN, progress
-
         if (folder / PLAN).is_file():
             done, total = progress(folder)
             raise ConfigError(f"{folder} is an unfinished sharded conversion ({done} of {total} shards written, no "
