@@ -46,7 +46,7 @@ def submit_array(folder: Path, settings: dict, tasks: int, partition: str | None
     if found and found.max_minutes is not None and minutes > found.max_minutes:
         raise UsageError(f"--time {minutes} min is above partition {found.name}'s limit of {found.max_minutes} min; "
                          "tasks are requeued at their limit, so a shorter --time only costs restarts")
-    executor = submitit.SlurmExecutor(folder=folder / JOB_FOLDER / "%A_%a")
+    executor = submitit.SlurmExecutor(folder=folder / JOB_FOLDER / "%j")
     executor.update_parameters(job_name=f"smim-convert-{folder.name}", time=minutes, cpus_per_task=cpus,
                                ntasks_per_node=1, nodes=1, array_parallelism=parallelism,
                                **({"partition": partition} if partition else {}), **({"setup": setup} if setup else {}))

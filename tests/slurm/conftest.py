@@ -95,7 +95,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 
 def queued_jobs() -> set[str]:
-    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    """Job ids, an array's once (``%i`` would give a pending array as ``12_[0-1%2]``, which scancel refuses)."""
+    return set(subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split())
 
 
 @pytest.fixture(autouse=True)
