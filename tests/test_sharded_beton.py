@@ -82,6 +82,28 @@ def test_the_union_reads_exactly_what_the_single_file_does(demo_root, sharded, r
     assert_same_batches(epoch_batches(config(sharded, *micro), 3, start, rank, world_size), expected)
 
 
+def bytes_read() -> int:
+    with open("/proc/self/io") as stats:
+        return next(int(line.split()[1]) for line in stats if line.startswith("rchar:"))
+
+
+def test_an_abandoned_epoch_stops_loading_instead_of_reading_the_rest(sharded):
+    """Positioning the loader while an epoch is being loaded stops that epoch's thread (each sample is a pread, so
+    /proc/self/io counts what it reads); taking batches off its queue to unblock it used to let it load more (the
+    whole rest of the epoch, when loading outpaced the taking)."""
+    loader, positioner = build_pretrain_loader(config(sharded, "optim.micro_batch=2"), 0, 1)
+    positioner.set_epoch(0)
+    before = bytes_read()
+    assert len(list(loader)) == 32
+    epoch_bytes = bytes_read() - before
+    positioner.set_epoch(1)
+    next(iter(loader))
+    time.sleep(1)  # the batches ahead are loaded: the thread waits for room in its queue
+    before = bytes_read()
+    positioner.set_epoch(2)
+    assert bytes_read() - before < 2 * epoch_bytes / 32, "at most two batches more"
+
+
 def test_tasks_write_their_own_shards_and_the_last_the_manifest(demo_root, tmp_path, capsys):
     out = tmp_path / "split"
     common = ["imagefolder", str(demo_root / "train"), str(out), "--shard-size", "24", *DEMO_SETTINGS, "--tasks", "2"]
@@ -127,7 +149,7 @@ def test_damaged_and_mismatched_sets_are_refused(demo_root, sharded, tmp_path, c
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(data)
-    with pytest.raises(ConfigError, match="shard-00001.beton: its bytes do not match"):
+    with pytest.raises(ConfigError, match="shard-00001.beton: its bytes do not match the manifest"):
         build_pretrain_loader(config(copy), 0, 1)
     assert convert(["verify", str(copy)]) == 1
     assert "shard-00001.beton" in capsys.readouterr().err

@@ -140,13 +140,16 @@ class FFCVPretrainLoader:
         self.clock.epoch = epoch
 
     def _stop_loading(self) -> None:
-        """Wait out an abandoned epoch's loading thread, which would otherwise read the clock after it moved."""
+        """Wait out an abandoned epoch's loading thread, which would otherwise read the clock after it moved. Once
+        closed, FFCV's thread gives up a batch it cannot queue within 0.5 s; only its last put (the end of the epoch)
+        waits for room, so a batch is taken off only while it still runs after that: taking them off as fast as it
+        queues them would let it load the rest of the epoch first."""
         if self._epoch_iterator is not None:
             self._epoch_iterator.close()
             while self._epoch_iterator.is_alive():
+                self._epoch_iterator.join(timeout=1.0)
                 with contextlib.suppress(queue.Empty):
-                    self._epoch_iterator.output_queue.get_nowait()  # unblocks its final put
-                self._epoch_iterator.join(timeout=0.05)
+                    self._epoch_iterator.output_queue.get_nowait()
             self._epoch_iterator = None
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from smim_dist.config_loading import ConfigError
-from smim_dist.data.beton_check import CHEAP_BYTES, checksum_problem, sha256_of, structure_problem
+from smim_dist.data.beton_check import CHEAP_BYTES, sha256_of, structure_problem
 from smim_dist.files import replace_atomically, write_atomic
 
 PLAN = "plan.json"
@@ -171,6 +171,9 @@ def read_manifest(folder: Path) -> dict:
             raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
         entries = [*manifest["shards"], manifest["index"]]
         expected = {entry["name"]: int(entry["bytes"]) for entry in entries}
+        index = manifest["index"]
+        if min(int(index[key]) for key in ("samples", "allocations", "max_width", "max_height")) < 0:
+            raise ValueError("negative sizes in its index entry")
         if manifest["samples"] != sum(int(shard["samples"]) for shard in manifest["shards"]):
             raise ValueError("its sample count is not the sum of its shards'")
     except (ValueError, KeyError, TypeError) as err:
@@ -195,7 +198,7 @@ def verify_problem(folder: Path, manifest: dict, full: bool = True) -> str | Non
         return None
     for entry in entries:
         path = folder / entry["name"]
-        problem = (structure_problem(path) if path.suffix == ".beton" else None) or checksum_problem(path)
+        problem = structure_problem(path) if path.suffix == ".beton" else None
         if problem is None and sha256_of(path) != entry["sha256"]:
             problem = "its bytes do not match the manifest's checksum"
         if problem:
