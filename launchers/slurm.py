@@ -22,6 +22,7 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError
 
+from smim_dist.cli_types import minutes, positive
 from smim_dist.config import Config, ConfigError, load_config
 from smim_dist.preflight import missing_files
 from smim_dist.engine.checkpoint import check_resumable, checkpoint_meta, checkpoint_root, newest_valid_tag
@@ -30,7 +31,7 @@ from smim_dist.engine.run_lock import check_free
 from smim_dist.eval.jobs import SlurmEvalJobs, eval_job_script
 from smim_dist.slurm_batch import setup_lines, teardown_lines
 from smim_dist.slurm_cluster import (JOB_FOLDER, JOB_ID_FILE, controller_problem, find_partition, queued_state,
-                                     slurm_minutes, test_only)
+                                     test_only)
 from smim_dist.slurm_container import (CONTAINER_PYTHON, CONTAINER_WORKDIR, container_args, container_overrides,
                                        enroot_image_hint)
 from smim_dist.slurm_job import TrainJob
@@ -39,21 +40,6 @@ from smim_dist.slurm_job import TrainJob
 
 class NotSubmitted(Exception):
     """The job could be described but not submitted (SLURM missing, the run busy, the scheduler refusing)."""
-
-
-def minutes(text: str) -> int:
-    """A SLURM time limit in whole minutes, rounded up."""
-    value = slurm_minutes(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

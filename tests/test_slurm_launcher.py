@@ -109,7 +109,7 @@ def test_cpu_nodes_run_the_requested_tasks_per_node(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "0"], "--nodes: 0: must be at least 1"),
-    (["--time", "soon"], "--time 'soon': use minutes, HH:MM:SS or D-HH:MM:SS"),
+    (["--time", "soon"], "--time: 'soon': use minutes, HH:MM:SS or D-HH:MM:SS"),
     (["--time", "2", "--signal-delay", "90"], "--signal-delay 90 s leaves less than a minute of --time 2 min"),
     (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be 0"),
 ])

@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 
 from smim_dist.data.beton_check import checksum_file, checksum_problem, structure_problem
+from smim_dist.cli_types import minutes, non_negative, positive
 from smim_dist.config_loading import ConfigError
 from smim_dist.data.convert import UsageError, checked_options, convert_imagefolder, convert_webdataset
 from smim_dist.data.segmentation import convert_segmentation
-from smim_dist.slurm_cluster import slurm_minutes
 
 
 def _summary(report: dict) -> str:
@@ -64,40 +64,19 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_shard_options(parser: argparse.ArgumentParser, unit: str) -> None:
     group = parser.add_argument_group("a sharded data set (OUT is a folder)")
-    group.add_argument("--shard-size", type=_positive, help=f"{unit} per .beton shard; makes OUT a folder of shards "
+    group.add_argument("--shard-size", type=positive, help=f"{unit} per .beton shard; makes OUT a folder of shards "
                                                            "with a manifest, trained on as one data set")
-    group.add_argument("--tasks", type=_positive, help="split the shards over this many tasks (default: 1 here, "
+    group.add_argument("--tasks", type=positive, help="split the shards over this many tasks (default: 1 here, "
                                                        "min(shards, 64) with --slurm)")
     group.add_argument("--task", type=int, default=0, help="the task this process runs, 0 .. tasks - 1 (default 0)")
     group.add_argument("--slurm", action="store_true", help="run the tasks as a SLURM job array (submitit) and wait")
     group.add_argument("--partition", help="--slurm: the partition (default: the cluster's default)")
-    group.add_argument("--time", type=_minutes, default=240, help="--slurm: time limit per task (minutes or "
+    group.add_argument("--time", type=minutes, default=240, help="--slurm: time limit per task (minutes or "
                                                                   "D-HH:MM:SS; requeued at the limit; default 240)")
-    group.add_argument("--cpus-per-task", type=_positive, default=8, help="--slurm: CPUs per task (default 8)")
-    group.add_argument("--array-parallelism", type=_positive, help="--slurm: tasks running at once (default all)")
+    group.add_argument("--cpus-per-task", type=positive, default=8, help="--slurm: CPUs per task (default 8)")
+    group.add_argument("--array-parallelism", type=positive, help="--slurm: tasks running at once (default all)")
     group.add_argument("--setup", action="append", default=[], metavar="LINE",
                        help="--slurm: a shell line each task runs first, e.g. 'module load python' (repeatable)")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
-    return value
-
-
-def _minutes(text: str) -> int:
-    value = slurm_minutes(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
-    return value
 
 
 def _sharded(args: argparse.Namespace) -> int:
@@ -195,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a brace pattern ('/data/laion/{00000..00099}.tar', quoted), a comma-separated list or "
                              "one path")
     _add_options(shards)
-    shards.add_argument("--min-size", type=_non_negative, default=0,
+    shards.add_argument("--min-size", type=non_negative, default=0,
                         help="skip samples whose img2dataset .json gives a shorter side below this many pixels (the "
                              "original size where it was resized; default 0: keep all)")
     _add_shard_options(shards, "input tars")
