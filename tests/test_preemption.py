@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, engine_overrides, losses, train_cli
+from conftest import REPO, engine_overrides, losses, run_cli, train_cli
 
 pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
 
@@ -22,6 +22,12 @@ def final_weights(run_dir):
     tag = (checkpoints / "latest").read_text().strip()
     states = checkpoints / tag / "mp_rank_00_model_states.pt"
     return torch.load(states, map_location="cpu", weights_only=False)["module"]
+
+
+def train_in_a_process(overrides):
+    """The legs whose final weights are compared bit for bit run as the user runs them, each in a fresh process: a
+    pytest worker's earlier in-process runs once left the in-process leg's last bits different (CI, 2026-12-06)."""
+    return run_cli(["-m", "smim_dist.train", "--config", TINY_CONFIG, *overrides])
 
 
 def start_training(overrides):
@@ -45,7 +51,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(tmp_p
     """SIGTERM is what torchrun, Kubernetes and SLURM's scancel send; SIGUSR2 takes the same path (tests/slurm)."""
     sig = signal.SIGTERM
     common = ["optim.epochs=6", "checkpoint.every_epochs=6"]
-    train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    train_in_a_process(engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
     overrides = engine_overrides(tmp_path, demo_data, "run_name=signalled", *common)
     run = tmp_path / "signalled"
     process = start_training(overrides)
@@ -57,7 +63,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_ends_identical(tmp_p
     stopped_at = int(tag.removeprefix("step_"))
     assert 3 <= stopped_at < 24, "stopped mid-run, after the step it had logged"
     assert f"stopped at step {stopped_at} on request" in stderr
-    resumed = train_cli(1, TINY_CONFIG, overrides)
+    resumed = train_in_a_process(overrides)
     assert f"resumed from {tag}" in resumed.stderr
     assert losses(run) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
     straight, again = final_weights(tmp_path / "straight"), final_weights(run)
@@ -69,7 +75,7 @@ def test_steps_trained_again_after_a_kill_are_recorded_once(tmp_path, demo_data)
     """SIGKILL at step 6 or later, the checkpoint at step 4: the resumed run trains steps 5-6 again, and
     metrics.jsonl (like anything that reads it) has each step once, with the uninterrupted run's values."""
     common = ["optim.epochs=3", "checkpoint.every_epochs=1"]
-    train_cli(1, TINY_CONFIG, engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
+    train_in_a_process(engine_overrides(tmp_path, demo_data, "run_name=straight", *common))
     overrides = engine_overrides(tmp_path, demo_data, "run_name=killed", *common)
     run = tmp_path / "killed"
     process = start_training(overrides)
@@ -79,7 +85,7 @@ def test_steps_trained_again_after_a_kill_are_recorded_once(tmp_path, demo_data)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     logged = len((run / "metrics.jsonl").read_text().splitlines())
     assert int(latest.removeprefix("step_")) < logged, "the kill came after steps the checkpoint does not hold"
-    train_cli(1, TINY_CONFIG, overrides)
+    train_in_a_process(overrides)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 13))
     assert losses(run) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
