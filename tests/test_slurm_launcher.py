@@ -209,13 +209,13 @@ def test_the_headline_dry_run_prints_the_job_and_warns_of_every_missing_file_at_
     assert "#SBATCH --nodes=8\n" in proc.stdout and "#SBATCH --gpus-per-node=8\n" in proc.stdout
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("launchers/slurm.py: warning: ")]
     assert any("target.tokenizer_path is empty" in line for line in warnings), proc.stderr
-    assert any("data.path='/datasets/ffcv/in1k_train.beton' is not a file" in line for line in warnings), proc.stderr
+    assert any("data.path='/datasets/ffcv/in1k_train.beton' does not exist" in line for line in warnings), proc.stderr
 
 
 def test_a_real_submission_refuses_every_missing_file_at_once():
     proc = launch(*HEADLINE)
     assert proc.returncode == 2 and "not submitted: " in proc.stderr
-    assert "target.tokenizer_path is empty" in proc.stderr and "in1k_train.beton' is not a file" in proc.stderr
+    assert "target.tokenizer_path is empty" in proc.stderr and "in1k_train.beton' does not exist" in proc.stderr
 
 
 def scripts(stdout: str) -> tuple[str, str]:
