@@ -24,15 +24,16 @@ JOB_FOLDER = "slurm"
 
 @dataclass(frozen=True)
 class ConvertTasks(submitit.helpers.Checkpointable):
+    """Array task ``task`` of ``tasks``; ``settings`` as ``checked_options`` gives them, the workers replaced by the
+    CPUs SLURM gave the task."""
+
     folder: str
     tasks: int
-    chunk_size: int
     settings: dict
 
     def __call__(self, task: int) -> str:
         workers = len(os.sched_getaffinity(0))
-        manifest = run_task(self.folder, {**self.settings, "workers": workers, "chunk_size": self.chunk_size},
-                            task, self.tasks)
+        manifest = run_task(self.folder, {**self.settings, "workers": workers}, task, self.tasks)
         return f"task {task}: done; " + ("wrote the manifest" if manifest else "other tasks still writing")
 
 
@@ -50,5 +51,5 @@ def submit_array(folder: Path, settings: dict, tasks: int, partition: str | None
     executor.update_parameters(job_name=f"smim-convert-{folder.name}", time=minutes, cpus_per_task=cpus,
                                ntasks_per_node=1, nodes=1, array_parallelism=parallelism,
                                **({"partition": partition} if partition else {}), **({"setup": setup} if setup else {}))
-    work = ConvertTasks(str(folder), tasks, settings["chunk_size"], settings)
+    work = ConvertTasks(str(folder), tasks, settings)
     return executor.map_array(work, range(tasks))
