@@ -21,6 +21,7 @@ from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
 from smim_dist.config import ConfigError, load_config
 from smim_dist.data.convert_cli import main as convert
 from smim_dist.data.demo import SHARD_PATTERN, ensure_demo_dataset
+from smim_dist.data.ffcv_loader import FFCVEvalLoader
 from smim_dist.data.pretrain_loader import build_pretrain_loader
 from smim_dist.data.sharded_beton import ShardedReader
 
@@ -80,6 +81,16 @@ def test_the_union_reads_exactly_what_the_single_file_does(demo_root, sharded, r
     micro = [f"optim.micro_batch={8 // world_size}"]
     expected = epoch_batches(config(demo_root / "train.beton", *micro), 3, start, rank, world_size)
     assert_same_batches(epoch_batches(config(sharded, *micro), 3, start, rank, world_size), expected)
+
+
+def test_evaluation_reads_a_sharded_set_as_the_single_file(demo_root, sharded):
+    """Centre crops with labels and indices, rank r of 2 reading samples r, r + 2, ..."""
+    single, union = ([[tensor.clone() for tensor in batch]  # FFCV reuses its buffers
+                      for batch in FFCVEvalLoader(path, 32, 8, rank=1, world_size=2, num_workers=1)]
+                     for path in (demo_root / "train.beton", sharded))
+    assert len(union) == len(single) == 4
+    for ours, theirs in zip(union, single):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def bytes_read() -> int:
