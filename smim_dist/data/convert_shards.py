@@ -63,17 +63,18 @@ def start(folder: str | Path, plan: dict, overwrite: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"output {folder} is a file; a sharded data set is written to a folder")
     existing, plan_text = folder / PLAN, json.dumps(plan) + "\n"
-    if existing.is_file() and (overwrite or existing.read_text() != plan_text):
-        if not overwrite:
-            raise UsageError(f"{folder} holds a conversion of other images or with other settings; pass --overwrite "
-                             "to replace it, or name another folder")
+    if existing.is_file() and overwrite:
         for path in [existing, folder / MANIFEST, folder / INDEX, *folder.glob("shard-*")]:
             path.unlink(missing_ok=True)
-    elif not existing.is_file() and folder.is_dir() and any(folder.iterdir()):
+    elif existing.is_file():
+        if existing.read_text() != plan_text:
+            raise UsageError(f"{folder} holds a conversion of other images or with other settings; pass --overwrite "
+                             "to replace it, or name another folder")
+        return folder
+    elif folder.is_dir() and any(folder.iterdir()):
         raise UsageError(f"{folder} is not empty and holds no smim-convert plan; name a new or empty folder")
-    if not existing.is_file():
-        folder.mkdir(exist_ok=True)
-        write_atomic(existing, plan_text)
+    folder.mkdir(exist_ok=True)
+    write_atomic(existing, plan_text)
     return folder
 
 

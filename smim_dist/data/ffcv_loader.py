@@ -96,12 +96,13 @@ def _torch_threads_kept():
         torch.set_num_threads(threads)
 
 
-def _new_loader(fname: str, **kwargs) -> Loader:
-    """FFCV's loader of the .beton ``fname``, or ``UnionLoader`` for a sharded data set (a folder)."""
+def _new_loader(source: str | Path | Reader | ShardedReader, **kwargs) -> Loader:
+    """FFCV's loader of a .beton, or ``UnionLoader`` for a sharded data set; ``source`` is its path or the reader
+    ``check_beton`` opened (a sharded set's is used as it is; FFCV's own loader opens its file again)."""
     with _torch_threads_kept():
-        if is_sharded(fname):
-            return UnionLoader(ShardedReader(fname), **kwargs)
-        return Loader(fname, **kwargs)
+        if isinstance(source, ShardedReader):
+            return UnionLoader(source, **kwargs)
+        return Loader(source.file_name if isinstance(source, Reader) else str(source), **kwargs)
 
 
 class FFCVPretrainLoader:
@@ -120,7 +121,7 @@ class FFCVPretrainLoader:
         decoder = SeededCropDecoder(cfg.model.img_size, cfg.seed, self.clock, data.crop_scale, data.crop_ratio,
                                     data.hflip, data.color_jitter, getattr(reader, "largest_image", None))
         self.loader = _new_loader(
-            fname=str(cfg.data.path), batch_size=self.sampler.micro_batch, num_workers=_threads(data.num_workers),
+            reader, batch_size=self.sampler.micro_batch, num_workers=_threads(data.num_workers),
             order=_SamplerOrder(self.sampler), drop_last=True, batches_ahead=3, pipelines={
                 "image": PipelineSpec("image", decoder, [ToTensor(), *to_device, ToTorchImage(channels_last=False)]),
                 "label": None,
@@ -195,10 +196,10 @@ class FFCVEvalLoader:
 
     def __init__(self, path: str | Path, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 4):
-        num_samples = (ShardedReader(path) if is_sharded(path) else open_beton(path)).num_samples
+        reader = ShardedReader(path) if is_sharded(path) else open_beton(path)
         self.loader = _new_loader(
-            fname=str(path), batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
-            drop_last=False, indices=np.arange(rank, num_samples, world_size, dtype=np.uint64),
+            reader, batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
+            drop_last=False, indices=np.arange(rank, reader.num_samples, world_size, dtype=np.uint64),
             pipelines={"image": [CenterCropRGBImageDecoder((img_size, img_size), EVAL_CROP_RATIO), ToTensor(),
                                  ToTorchImage(channels_last=False)],
                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
@@ -232,7 +233,7 @@ class FFCVSegmentationLoader:
         # FFCV returns the outputs in the file's field order
         self._order = [name for name in reader.handlers if name in kinds]
         self.loader = _new_loader(
-            fname=str(path), batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
+            path, batch_size=batch_size, num_workers=_threads(num_workers), order=OrderOption.SEQUENTIAL,
             drop_last=False, indices=np.arange(rank, reader.num_samples, world_size, dtype=np.uint64),
             pipelines={**{name: None for name in reader.handlers},
                        "image": PipelineSpec("image", ResizeDecoder(img_size),

@@ -52,35 +52,32 @@ def progress(folder: Path) -> tuple[int, int]:
     return sum(is_written(folder / shard["name"]) for shard in shards), len(shards)
 
 
-def _header(path: Path):
-    from ffcv.types import HeaderType
-
-    return np.fromfile(path, dtype=HeaderType, count=1)[0]
-
-
-def _fields(path: Path) -> np.ndarray:
+def describe(path: Path) -> tuple[np.void, np.ndarray]:
+    """A .beton's header and field descriptors (two small reads)."""
     from ffcv.types import FieldDescType, HeaderType
 
-    count = int(_header(path)["num_fields"])
-    return np.fromfile(path, dtype=FieldDescType, count=count, offset=HeaderType.itemsize)
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    return header, np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
 
 
-def metadata_type(path: Path) -> np.dtype:
-    from ffcv.types import get_handlers, get_metadata_type
-
-    return get_metadata_type(get_handlers(_fields(path)))
-
-
-def field_names(path: Path) -> list[str]:
+def named_handlers(fields: np.ndarray) -> dict:
+    """FFCV's field handlers by field name, in the file's order."""
+    from ffcv.types import get_handlers
     from ffcv.utils import decode_null_terminated_string
 
-    return [decode_null_terminated_string(name) for name in _fields(path)["name"]]
+    return dict(zip(map(decode_null_terminated_string, fields["name"]), get_handlers(fields)))
+
+
+def metadata_type(handlers: dict) -> np.dtype:
+    from ffcv.types import get_metadata_type
+
+    return get_metadata_type(list(handlers.values()))
 
 
 def _allocations(path: Path) -> int:
     from ffcv.types import ALLOC_TABLE_TYPE
 
-    return (path.stat().st_size - int(_header(path)["alloc_table_ptr"])) // ALLOC_TABLE_TYPE.itemsize
+    return (path.stat().st_size - int(describe(path)[0]["alloc_table_ptr"])) // ALLOC_TABLE_TYPE.itemsize
 
 
 def write_index(folder: Path, shards: list[dict]) -> dict:
@@ -90,10 +87,13 @@ def write_index(folder: Path, shards: list[dict]) -> dict:
 
     paths = [folder / shard["name"] for shard in shards]
     first = paths[0]
-    dtype, names, descriptors = metadata_type(first), field_names(first), _fields(first)
+    descriptors = describe(first)[1]
+    handlers = named_handlers(descriptors)
+    dtype, names = metadata_type(handlers), list(handlers)
     for path in paths[1:]:
-        if not np.array_equal(_fields(path), descriptors):
-            raise ValueError(f"{path} stores fields {field_names(path)} with other settings than {first}'s "
+        other = describe(path)[1]
+        if not np.array_equal(other, descriptors):
+            raise ValueError(f"{path} stores fields {list(named_handlers(other))} with other settings than {first}'s "
                              f"{names}; every shard of a data set must be written with the same smim-convert options")
     samples = sum(shard["samples"] for shard in shards)
     allocations = sum(_allocations(path) for path in paths)
@@ -149,7 +149,8 @@ def write_manifest(folder: Path, shards: list[dict], source: str, settings: dict
         raise ValueError(f"at most {MAX_SHARDS} shards of under {1 << OFFSET_BITS} bytes each")
     index = write_index(folder, shards)
     manifest = {"format": FORMAT, "version": VERSION, "source": source, "samples": index["samples"],
-                "fields": field_names(folder / shards[0]["name"]), "settings": settings, "index": index,
+                "fields": list(named_handlers(describe(folder / shards[0]["name"])[1])), "settings": settings,
+                "index": index,
                 "shards": shards}
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -211,8 +212,6 @@ class ShardedReader:
     from the index), sample count; plus the shard files and the allocation table that ``UnionMemory`` reads by."""
 
     def __init__(self, folder: str | Path, verify: bool = False):
-        from ffcv.types import get_handlers
-
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if verify:
@@ -220,12 +219,12 @@ class ShardedReader:
             if problem:
                 raise ConfigError(f"{self.folder} is damaged: {problem}; rerun the smim-convert command that wrote it")
         self.shards = [self.folder / shard["name"] for shard in self.manifest["shards"]]
-        first = self.shards[0]
-        self.field_names = field_names(first)
-        self.handlers = dict(zip(self.field_names, get_handlers(_fields(first))))
-        self.page_size = int(_header(first)["page_size"])
+        header, fields = describe(self.shards[0])
+        self.handlers = named_handlers(fields)
+        self.field_names = list(self.handlers)
+        self.page_size = int(header["page_size"])
         self.num_samples = int(self.manifest["samples"])
-        dtype, layout = metadata_type(first), self.manifest["index"]
+        dtype, layout = metadata_type(self.handlers), self.manifest["index"]
         if dtype.itemsize != layout["metadata_itemsize"]:
             raise ConfigError(f"{self.folder / INDEX} was written for another FFCV version; rerun smim-convert")
         self.metadata, self.ptrs, self.sizes = (np.asarray(section) for section in
@@ -239,10 +238,6 @@ class ShardedReader:
     @property
     def file_name(self) -> str:
         return str(self.folder)
-
-    @property
-    def bytes(self) -> int:
-        return sum(shard["bytes"] for shard in self.manifest["shards"])
 
 
 def open_files(paths: list[Path]) -> np.ndarray:
