@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 from numba import njit
 
-from smim_dist.config import MIN_BLOCK_PATCHES, masked_patch_count
+from smim_dist.config_checks import MIN_BLOCK_PATCHES, masked_patch_count
 from smim_dist.data.seeded import block_mask, place_blocks, random_mask, sample_key
 
 __all__ = [
