@@ -7,12 +7,14 @@ import functools
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,10 +158,61 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subproce
 
 
 def train_cli(nproc: int, config: str, overrides: list[str], **kw) -> subprocess.CompletedProcess:
-    """``smim-train`` on one process, in this one (see ``train_in_process``), or ``launchers/local.py`` on several."""
+    """``smim-train`` on one process, in this one (see ``train_in_process``), or on several forked ranks (see
+    ``ForkedRanks``)."""
+    return train_with_faults(nproc, [], overrides, config, **kw)
+
+
+def train_with_faults(nproc: int, faults: list[str], overrides: list[str], config: str = "configs/demo_cpu.yaml",
+                      check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``smim-train`` with the faults of tests/faults.py, on ``nproc`` ranks."""
+    argv = ["--config", config, *overrides]
     if nproc == 1:
-        return train_in_process(["--config", config, *overrides], **kw)
-    return run_cli(["launchers/local.py", "--nproc", str(nproc), "--config", config, *overrides], **kw)
+        from faults import injected
+
+        with injected([*faults, *argv]) as train_args:
+            return train_in_process(train_args, check=check)
+    return forked_ranks().run(nproc, [*faults, *argv], check, timeout)
+
+
+class ForkedRanks:
+    """tests/scripts/forked_ranks.py: the ranks of a multi-process training forked from a process that has imported
+    everything once. Tests about the launchers start theirs (``launchers/local.py``, torchrun, SLURM) as users do."""
+
+    def __init__(self):
+        env = {name: value for name, value in os.environ.items() if name not in LAUNCHER_VARIABLES}
+        self.server = subprocess.Popen([sys.executable, "tests/scripts/forked_ranks.py"], cwd=REPO, text=True,
+                                       env={**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+
+    def run(self, nproc: int, argv: list[str], check: bool, timeout: int) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"nproc": nproc, "argv": argv, "stdout": str(out), "stderr": str(err)}
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+            if not select.select([self.server.stdout], [], [], timeout)[0]:
+                os.killpg(self.server.pid, signal.SIGKILL)
+                forked_ranks.cache_clear()
+                raise AssertionError(f"{nproc} ranks of smim-train {argv} did not end in {timeout} s")
+            codes = json.loads(self.server.stdout.readline())["codes"]
+            stdout = out.read_text() if out.exists() else ""
+            stderr = err.read_text() if err.exists() else ""
+        code = next((code for code in codes if code != 0), 0)
+        proc = subprocess.CompletedProcess(["smim-train", *argv], code, stdout, stderr)
+        if check and code != 0:
+            raise AssertionError(f"smim-train {argv} on {nproc} ranks exited {codes}\n--- stdout\n{stdout[-4000:]}\n"
+                                 f"--- stderr\n{stderr[-6000:]}")
+        return proc
+
+
+LAUNCHER_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "WANDB_SERVICE"}
+
+
+@functools.cache
+def forked_ranks() -> ForkedRanks:
+    return ForkedRanks()
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import engine_overrides, losses, run_cli, train_cli
+from conftest import engine_overrides, losses, train_cli, train_with_faults
 from smim_dist.engine.checkpoint import checkpoint_problem, newest_valid_tag
 from smim_dist.engine.checkpoint import consolidated_state_dict
 
@@ -16,11 +16,7 @@ TINY_CONFIG = "configs/demo_cpu.yaml"
 
 def train_for(nproc: int, steps: int | None, overrides: list[str]):
     """``steps`` more optimizer steps, or to the end of the run."""
-    if steps is None:
-        return train_cli(nproc, TINY_CONFIG, overrides)
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return run_cli([*launcher, "tests/scripts/train_with_faults.py", "--stop-after", str(steps),
-                    "--config", TINY_CONFIG, *overrides])
+    return train_with_faults(nproc, [] if steps is None else ["--stop-after", str(steps)], overrides)
 
 
 def final_weights(run_dir):

@@ -17,7 +17,7 @@ import torch
 import webdataset
 from PIL import Image
 
-from conftest import REPO, losses, run_cli, tiny_overrides, train_cli
+from conftest import REPO, losses, tiny_overrides, train_cli, train_with_faults
 from smim_dist.config import ConfigError, load_config
 from smim_dist.data.convert_cli import main as convert
 from smim_dist.data.demo import SHARD_PATTERN, ensure_demo_dataset
@@ -220,9 +220,7 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_as_the_single_file_run(tm
                     "--compress-share", "1.0", "--workers", "1"]) == 0
     overrides = tiny_overrides(tmp_path, demo_data, "run_name=sharded", "optim.epochs=1", "optim.micro_batch=4",
                                "data.demo=false", f"data.path={out}")
-    two_processes = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run_cli([*two_processes, "tests/scripts/train_with_faults.py", "--stop-after", "2", "--config", TINY_CONFIG,
-             *overrides])
+    train_with_faults(2, ["--stop-after", "2"], overrides)
     assert losses(tmp_path / "sharded").keys() == {1, 2}
     train_cli(1, TINY_CONFIG, overrides)
     assert losses(tmp_path / "sharded") == pytest.approx(losses(tiny_run), rel=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from conftest import REPO, engine_overrides, losses, run_cli, tiny_overrides, train_cli
+from conftest import REPO, engine_overrides, losses, tiny_overrides, train_cli, train_with_faults
 from smim_dist.config import ConfigError, load_config
 from smim_dist.engine.stop_signals import STOP_SIGNALS
 from smim_dist.models.flops import forward_flops
@@ -310,12 +310,6 @@ def test_old_checkpoints_are_pruned_except_milestones(tmp_path, demo_data):
     checkpoints = tmp_path / "prune" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_00000008", "step_00000012"]
     assert json.loads((checkpoints / "step_00000008" / "meta.json").read_text())["epoch"] == 2
-
-
-def train_with_faults(nproc: int, faults: list[str], overrides: list[str], **kw):
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return run_cli([*launcher, "tests/scripts/train_with_faults.py", *faults, "--config", TINY_CONFIG, *overrides],
-                   **kw)
 
 
 @pytest.mark.e2e
