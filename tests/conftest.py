@@ -175,6 +175,11 @@ def train_with_faults(nproc: int, faults: list[str], overrides: list[str], confi
     return forked_ranks().run(nproc, [*faults, *argv], check, timeout)
 
 
+def train_in_a_fresh_process(overrides: list[str], config: str = "configs/demo_cpu.yaml"):
+    """``smim-train`` on one rank forked from the rank server: a process that has trained nothing before."""
+    return forked_ranks().run(1, ["--config", config, *overrides])
+
+
 class ForkedRanks:
     """tests/scripts/forked_ranks.py: the ranks of a multi-process training forked from a process that has imported
     everything once. Tests about the launchers start theirs (``launchers/local.py``, torchrun, SLURM) as users do."""
@@ -185,7 +190,7 @@ class ForkedRanks:
                                        env={**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
 
-    def run(self, nproc: int, argv: list[str], check: bool, timeout: int) -> subprocess.CompletedProcess:
+    def run(self, nproc: int, argv: list[str], check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             request = {"nproc": nproc, "argv": argv, "stdout": str(out), "stderr": str(err)}

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, engine_overrides, losses, run_cli, train_cli
+from conftest import REPO, engine_overrides, losses, train_cli, train_in_a_fresh_process
 
 pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full)
 
@@ -25,9 +25,9 @@ def final_weights(run_dir):
 
 
 def train_in_a_process(overrides):
-    """The legs whose final weights are compared bit for bit run as the user runs them, each in a fresh process: a
-    pytest worker's earlier in-process runs once left the in-process leg's last bits different (CI, 2026-12-06)."""
-    return run_cli(["-m", "smim_dist.train", "--config", TINY_CONFIG, *overrides])
+    """The legs whose final weights are compared bit for bit each run in a process of their own: a pytest worker's
+    earlier in-process runs once left the in-process leg's last bits different (CI, 2026-12-06)."""
+    return train_in_a_fresh_process(overrides, TINY_CONFIG)
 
 
 def start_training(overrides):
