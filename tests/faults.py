@@ -88,8 +88,10 @@ def injected(fault_args: list[str]):
         engine.step = step
         return engine
 
-    train.build_target = poisoned_target
-    train.build_pretrain_loader = slowed_loader
+    if poisoned_calls:
+        train.build_target = poisoned_target
+    if faults.slow_loader_rank is not None:
+        train.build_pretrain_loader = slowed_loader
     if faults.poison_moment_after is not None:
         train.build_engine = engine_with_a_poisoned_moment
     if faults.stop_after is not None:
