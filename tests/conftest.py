@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import runpy
 import select
 import shutil
 import signal
@@ -262,6 +263,29 @@ def train_in_process(argv: list[str], check: bool = True) -> subprocess.Complete
         raise AssertionError(f"smim-train {argv} exited {code}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_script(args: list[str]) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` (a bench script that starts no process group) in this process, as ``run_cli`` would run
+    it: from the repository, its output and exit status captured, torch's thread count and ``sys.path`` restored."""
+    script = REPO / args[0]
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch, contextlib.chdir(REPO):
+        patch.setattr(sys, "argv", [str(script), *args[1:]])
+        patch.syspath_prepend(str(script.parent))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            finally:
+                torch.set_num_threads(threads)
+    if code != 0:
+        raise AssertionError(f"{args} exited {code}\n--- stdout\n{out.getvalue()[-4000:]}\n"
+                             f"--- stderr\n{err.getvalue()[-6000:]}")
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def losses(run_dir: Path, metric: str = "loss") -> dict[int, float]:

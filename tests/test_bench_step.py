@@ -1,4 +1,5 @@
-"""bench/step.py and bench/profile_step.py end to end at toy size: both models run and the figures are consistent."""
+"""The benchmarks end to end at toy size: both models run and the figures are consistent. The scripts that start no
+process group run in this process (``conftest.run_script``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_script
 from smim_dist.config import ModelConfig
 from smim_dist.models.flops import forward_flops
 from smim_dist.targets.hog import HOGTarget
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.e2e  # subprocesses: the end-to-end tier (pytest --full
 
 def test_step_bench_reports_both_models_with_consistent_figures(tmp_path):
     out = tmp_path / "step.json"
-    proc = run_cli(["bench/step.py", "--sizes", "micro", "--img", "32", "--patch", "8", "--batch", "4",
+    proc = run_script(["bench/step.py", "--sizes", "micro", "--img", "32", "--patch", "8", "--batch", "4",
                     "--targets", "maskfeat", "pixels", "--warmup", "1", "--rounds", "1", "--steps", "1",
-                    "--json", str(out)], timeout=300)
+                    "--json", str(out)])
     result = json.loads(out.read_text())
     rows = {(row["target"], row["mode"]): row for row in result["rows"]}
     assert set(rows) == {(target, mode) for target in ("maskfeat", "pixels") for mode in ("vanilla", "proxy")}
@@ -39,8 +40,8 @@ def test_step_bench_reports_both_models_with_consistent_figures(tmp_path):
 
 
 def test_profile_bench_splits_the_step_into_phases(tmp_path):
-    proc = run_cli(["bench/profile_step.py", "--img", "32", "--patch", "8", "--batch", "4", "--warmup", "1",
-                    "--steps", "1", "--top", "5"], timeout=300)
+    proc = run_script(["bench/profile_step.py", "--img", "32", "--patch", "8", "--batch", "4", "--warmup", "1",
+                    "--steps", "1", "--top", "5"])
     for mode in ("vanilla", "proxy"):
         assert f"== {mode}:" in proc.stdout
     assert proc.stdout.count("phases:") == 2 and "backward" in proc.stdout
@@ -87,8 +88,7 @@ def test_engine_overhead_bench_counts_each_zero_stage_against_plain_torch():
 
 
 def test_memory_bench_counts_activations_and_the_residuals_bytes_against_timms():
-    out = run_cli(["bench/memory.py", "--size", "micro", "--img", "32", "--patch", "8", "--batch", "2"],
-                  timeout=300).stdout
+    out = run_script(["bench/memory.py", "--size", "micro", "--img", "32", "--patch", "8", "--batch", "2"]).stdout
     for mode in ("vanilla", "proxy"):
         section = out.split(f"\n{mode}: ", 1)[1]
         assert section.startswith("activations kept for the backward") and " GiB at 256 images" in section
@@ -97,7 +97,7 @@ def test_memory_bench_counts_activations_and_the_residuals_bytes_against_timms()
 
 
 def test_loader_bench_times_each_ffcv_decoder_step():
-    out = run_cli(["bench/loader.py", "--op-times"], timeout=300).stdout
+    out = run_script(["bench/loader.py", "--op-times"]).stdout
     times = {line.rsplit(maxsplit=2)[0].strip(): float(line.split()[-2]) for line in out.splitlines()
              if line.endswith(" us")}
     assert len(times) == 4 and all(value > 0 for value in times.values()), out
