@@ -50,8 +50,9 @@ fi
 log "lint (ruff, configured in pyproject.toml)"
 .venv/bin/ruff check --quiet smim_dist launchers bench tests || exit 1
 set +e
-# two workers; tests sharing the SLURM cluster or a module's reference runs stay on one (tests/conftest.py)
-.venv/bin/python -m pytest --full -n 2 --dist loadgroup -m "not container" "$@"
+# three workers on two cores (many end-to-end tests wait on jobs, signals and schedulers); tests sharing the SLURM
+# cluster or a module's reference runs stay on one (tests/conftest.py)
+.venv/bin/python -m pytest --full -n 3 --dist loadgroup -m "not container" "$@"
 rest=$?
 log "the container image (tests/container): built with podman, then run; alone, as its build takes both cores"
 .venv/bin/python -m pytest --full -m container "$@"

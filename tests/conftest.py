@@ -40,7 +40,7 @@ TIERS = ("e2e", "slurm", "container")
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)  # two workers on two cores: more threads per worker would only wait for each other
+        torch.set_num_threads(1)  # several workers on two cores: more threads per worker would only wait for each other
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,9 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """The full suite runs on two pytest-xdist workers (``--dist loadgroup``): tests that share something costly run on
-    one worker, so it is made once: the SLURM cluster (started and stopped by each worker's session) and a module's
-    own module-scoped fixtures (its reference runs)."""
+    """The full suite runs on three pytest-xdist workers (``--dist loadgroup``): tests that share something costly
+    run on one worker, so it is made once: the SLURM cluster (started and stopped by each worker's session) and a
+    module's own module-scoped fixtures (its reference runs)."""
     module = item.nodeid.split("::")[0]
     if "slurm_cluster" in item.fixturenames:
         item.add_marker(pytest.mark.xdist_group("slurm"))
