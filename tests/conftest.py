@@ -201,7 +201,11 @@ class ForkedRanks:
                 os.killpg(self.server.pid, signal.SIGKILL)
                 forked_ranks.cache_clear()
                 raise AssertionError(f"{nproc} ranks of smim-train {argv} did not end in {timeout} s")
-            codes = json.loads(self.server.stdout.readline())["codes"]
+            reply = self.server.stdout.readline()
+            if not reply:
+                forked_ranks.cache_clear()
+                raise AssertionError(f"the rank server ended (status {self.server.wait()}) running smim-train {argv}")
+            codes = json.loads(reply)["codes"]
             stdout = out.read_text() if out.exists() else ""
             stderr = err.read_text() if err.exists() else ""
         code = next((code for code in codes if code != 0), 0)

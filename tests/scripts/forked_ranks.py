@@ -81,8 +81,8 @@ def exit_codes(pids: list[int]) -> list[int]:
     while len(codes) < len(pids):
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid in pids:
-            codes[pid] = os.waitstatus_to_exitcode(status)
-            codes[pid] = codes[pid] if codes[pid] >= 0 else 128 - codes[pid]
+            code = os.waitstatus_to_exitcode(status)
+            codes[pid] = code if code >= 0 else 128 - code
             if codes[pid] != 0 and deadline is None:
                 deadline = time.monotonic() + FAILED_PEERS_GRACE_S
             continue
