@@ -209,12 +209,14 @@ def test_a_lease_renewed_from_another_node_is_refused_and_a_stale_one_taken_over
         while not renewing.wait(0.2):
             lease.write_text(json.dumps({**other, "heartbeat": time.time()}))
 
-    threading.Thread(target=renew, daemon=True).start()
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
     try:
         with pytest.raises(ConfigError, match="being trained by pid 4242 on node-b .*its lease is renewed"):
             RunLock(tmp_path).acquire(stale_after=2.0)
     finally:
         renewing.set()
+        renewer.join()  # a renewal already under way would overwrite the stale lease written next
     lease.write_text(json.dumps({**other, "heartbeat": time.time() - 10}))
     lock = RunLock(tmp_path).acquire(stale_after=2.0)
     assert json.loads(lease.read_bytes())["host"] == socket.gethostname()
