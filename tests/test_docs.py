@@ -10,7 +10,9 @@ model at 32 px; training commands get ``SHRINK`` appended). Each command is matc
 how it runs; a command no rule knows fails ``test_every_documented_command_has_a_way_to_run``, so a new example in the
 docs needs a rule here. The exceptions and why: submissions to SLURM run with ``--dry-run`` (the journeys in
 tests/slurm submit for real); Docker, Enroot and Apptainer commands (none runs here) are skipped with the reason, the
-podman commands are tests/container's; the two quick-start commands are the journey test's and ``.ci/run``'s own.
+podman commands are tests/container's; the two quick-start commands are the journey test's and ``.ci/run``'s own;
+the learning run and the scaling benchmark are their own tests' (tests/test_reproduce_small.py, test_bench_scaling.py),
+which check what they print.
 """
 
 from __future__ import annotations
@@ -227,6 +229,12 @@ def covered_by_the_learning_test(command: Command, ws: Workspace) -> None:
     assert command.argv[1:] == LEARNING_RUN[:1], "tests/test_reproduce_small.py runs the experiment at its smallest"
 
 
+def covered_by_the_scaling_test(command: Command, ws: Workspace) -> None:
+    from test_bench_scaling import DOCUMENTED
+
+    assert command.argv[1:] == DOCUMENTED, "tests/test_bench_scaling.py runs it, shrunk, and checks its report"
+
+
 def run_by_ci(command: Command, ws: Workspace) -> None:
     assert command.text in (REPO / ".ci" / "run").read_text(), ".ci/run runs the quick start's test command"
 
@@ -265,8 +273,9 @@ RULES: list[tuple[str, Callable[[Command, Workspace], None]]] = [
     (r"podman .*|mkdir -p runs data_cache", covered_by_the_container_test),
     (r"python bench/step\.py .*--dtype bf16.*", needs_a_gpu),
     (r"python bench/reproduce_small\.py", covered_by_the_learning_test),
-    (r"python bench/(?!reproduce_small)\w+\.py(?!.*--dtype bf16)( .*)?", lambda command, ws: run(ws.adapt(command.argv),
-                                                                                               ws.root)),
+    (r"python bench/scaling\.py .*", covered_by_the_scaling_test),
+    (r"python bench/(?!reproduce_small|scaling)\w+\.py(?!.*--dtype bf16)( .*)?",
+     lambda command, ws: run(ws.adapt(command.argv), ws.root)),
 ]
 
 

@@ -29,13 +29,24 @@ def config(root, *extra):
         "model.patch_size=8", "optim.global_batch=16", "optim.micro_batch=8", *extra])
 
 
-def epoch_batches(cfg, epoch, start_batch=0, rank=0, world_size=1):
-    loader, positioner = build_pretrain_loader(cfg, rank, world_size)
-    positioner.set_epoch(epoch, start_batch)
-    return [{key: value.clone() for key, value in batch.items()} for batch in loader]  # FFCV reuses its buffers
+@pytest.fixture(scope="module")
+def epoch_batches():
+    """One epoch's batches from one loader per config, rank and world size, positioned as training positions the
+    loader it keeps for the whole run: each new FFCV loader compiles its pipeline, seconds on these cores."""
+    loaders = {}
+
+    def batches(cfg, epoch, start_batch=0, rank=0, world_size=1):
+        key = (repr(cfg), rank, world_size)
+        if key not in loaders:
+            loaders[key] = build_pretrain_loader(cfg, rank, world_size)
+        loader, positioner = loaders[key]
+        positioner.set_epoch(epoch, start_batch)
+        return [{key: value.clone() for key, value in batch.items()} for batch in loader]  # FFCV reuses its buffers
+
+    return batches
 
 
-def test_batches_have_the_model_shapes_masks_and_pixels(demo_root):
+def test_batches_have_the_model_shapes_masks_and_pixels(demo_root, epoch_batches):
     batches = epoch_batches(config(demo_root), epoch=0)
     assert len(batches) == 8, "64 images / micro-batch 8"
     for batch in batches:
@@ -49,17 +60,20 @@ def test_batches_have_the_model_shapes_masks_and_pixels(demo_root):
     assert sorted(indices.tolist()) == list(range(64)), "every sample once per epoch"
 
 
-def test_a_sample_is_the_same_for_the_same_seed_and_epoch_only(demo_root):
+def test_a_sample_is_the_same_for_the_same_seed_and_epoch_only(demo_root, epoch_batches):
+    """A new loader too (a resumed run's) gives the same samples."""
     cfg = config(demo_root)
-    first, again, later = epoch_batches(cfg, 1), epoch_batches(cfg, 1), epoch_batches(cfg, 2)
-    for a, b in zip(first, again):
-        assert all(torch.equal(a[key], b[key]) for key in a)
+    first, later, again = epoch_batches(cfg, 1), epoch_batches(cfg, 2), epoch_batches(cfg, 1)
+    fresh, positioner = build_pretrain_loader(cfg, 0, 1)
+    positioner.set_epoch(1)
+    for a, b, c in zip(first, again, fresh):
+        assert all(torch.equal(a[key], b[key]) and torch.equal(a[key], c[key]) for key in a)
     assert not torch.equal(first[0]["index"], later[0]["index"])
     reseeded = epoch_batches(dataclasses.replace(cfg, seed=1), 1)
     assert not torch.equal(first[0]["index"], reseeded[0]["index"])
 
 
-def test_ffcv_and_image_files_draw_the_same_crops_and_masks(demo_root):
+def test_ffcv_and_image_files_draw_the_same_crops_and_masks(demo_root, epoch_batches):
     """The .beton stores the ImageFolder samples in ImageFolder's order, so both loaders read the same image for an
     index and key its crop and mask identically; only the resize kernels and JPEG storage differ."""
     ffcv = epoch_batches(config(demo_root), 3)
@@ -71,7 +85,7 @@ def test_ffcv_and_image_files_draw_the_same_crops_and_masks(demo_root):
     assert same < 6 < shifted, (same, shifted)
 
 
-def test_ranks_read_disjoint_shares_that_make_the_same_global_steps(demo_root):
+def test_ranks_read_disjoint_shares_that_make_the_same_global_steps(demo_root, epoch_batches):
     """Two ranks x accumulation 2 train on exactly the samples one rank x accumulation 2 sees in each step."""
     two = config(demo_root, "optim.micro_batch=4")
     rank0, rank1 = epoch_batches(two, 1, rank=0, world_size=2), epoch_batches(two, 1, rank=1, world_size=2)
@@ -84,7 +98,7 @@ def test_ranks_read_disjoint_shares_that_make_the_same_global_steps(demo_root):
         assert sorted(both.tolist()) == sorted(one.tolist()), f"step {step}"
 
 
-def test_starting_mid_epoch_yields_exactly_the_rest_of_the_epoch(demo_root):
+def test_starting_mid_epoch_yields_exactly_the_rest_of_the_epoch(demo_root, epoch_batches):
     cfg = config(demo_root)
     full, rest = epoch_batches(cfg, 2), epoch_batches(cfg, 2, start_batch=5)
     assert len(rest) == 3
@@ -92,7 +106,7 @@ def test_starting_mid_epoch_yields_exactly_the_rest_of_the_epoch(demo_root):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_an_abandoned_epoch_does_not_disturb_the_next(demo_root):
+def test_an_abandoned_epoch_does_not_disturb_the_next(demo_root, epoch_batches):
     cfg = config(demo_root)
     loader, positioner = build_pretrain_loader(cfg, 0, 1)
     positioner.set_epoch(0)
