@@ -1,6 +1,6 @@
 """What a user does with the demo on a SLURM cluster, with the shipped defaults (wandb offline, the progress bar):
-submit with evaluation jobs, get preempted, resume, find every job COMPLETED and the scores in wandb; and the jobs a
-cluster could never start, refused before anything is queued."""
+submit with evaluation jobs, be refused a second submission of the same run, get preempted, resume, find every job
+COMPLETED and the scores in wandb; and the jobs a cluster could never start, refused before anything is queued."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, run_cli, wandb_offline_history
 from slurm.test_training import job_states, status, wait_for_steps, wait_until_gone
+from test_slurm_launcher import launch as launch_here
 
 pytestmark = pytest.mark.slurm
 
@@ -32,6 +33,11 @@ def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slu
     proc = launch(*command)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted job (\d+)", proc.stdout)[1]
+    # in this process, whose imports are done, so that it runs while the job is still queued or starting, before the
+    # job has written the run's config: a queued job must be refused too
+    twice = launch_here(*command)
+    assert twice.returncode == 2 and f"not submitted: job {job_id} (" in twice.stderr, twice.stderr
+    assert "is already training" in twice.stderr and "config error" not in twice.stderr
     run = tmp_path / "demo_cpu"
     wait_for_steps(run, 6)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
@@ -39,6 +45,7 @@ def test_the_demo_is_preempted_resumed_and_evaluated_and_every_job_completes(slu
     assert job_states(slurm_cluster, job_id) == ["REQUEUED", "COMPLETED"]
     log = (run / "slurm" / f"{job_id}_0_log.err").read_text()
     assert re.search(r"resumed from step_\d{8}", log), log[-3000:]
+    assert "evaluation of step_00000008 requested" in log and "evaluation of step_00000016 requested" in log
     for tag in ("step_00000008", "step_00000016"):
         folder = run / "eval" / tag
         submitted = json.loads((folder / "submitted.json").read_text())

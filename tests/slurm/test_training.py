@@ -1,5 +1,5 @@
 """Pre-training through ``launchers/slurm.py`` on the local cluster: preemption, the time limit, a rank killed while a
-checkpoint is written, and evaluation jobs beside training."""
+checkpoint is written (evaluation jobs beside training are tests/slurm/test_journeys.py's)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import submitit
 import torch
 
 from conftest import assert_same_weights, engine_overrides, final_weights, losses, run_cli, train_cli
-from test_slurm_launcher import launch
 from smim_dist.engine.checkpoint import newest_valid_tag
 
 pytestmark = pytest.mark.slurm
@@ -166,26 +165,6 @@ def test_rank_killed_while_writing_a_checkpoint_then_the_rerun_resumes_from_the_
     assert "resumed from step_00000012" in rank0_log(tmp_path / "killed", job_id)
     assert losses(tmp_path / "killed") == pytest.approx(losses(uninterrupted), rel=1e-6)
     assert_same_weights(final_weights(tmp_path / "killed"), final_weights(uninterrupted))
-
-
-def test_evaluation_jobs_run_beside_training(slurm_cluster, tmp_path, demo_data):
-    overrides = engine_overrides(tmp_path, demo_data, "run_name=evaluated", "optim.epochs=2",
-                                 "checkpoint.every_epochs=1", "eval.every_epochs=1")
-    job_id = submit("--config", CONFIG, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug",
-                    "--time", "30", "--eval-time", "15", *overrides)
-    run = tmp_path / "evaluated"
-    # in this process, whose imports are done, so it runs while the job is still queued or starting, before the job
-    # has written the run's config: a queued job must be refused too
-    twice = launch("--config", CONFIG, "--gpus-per-node", "0", "--partition", "debug", *overrides)
-    assert twice.returncode == 2 and f"not submitted: job {job_id} (" in twice.stderr
-    assert "is already training" in twice.stderr and "config error" not in twice.stderr
-    wait_until_gone(job_id, slurm_cluster, timeout=900)
-    for tag in ("step_00000004", "step_00000008"):
-        submitted = json.loads((run / "eval" / tag / "submitted.json").read_text())
-        wait_until_gone(submitted["slurm_job"], slurm_cluster, timeout=900)
-        results = json.loads((run / "eval" / tag / "results.json").read_text())
-        assert results["tag"] == tag and 0 <= results["protocols"]["knn"]["cls"]["top1"] <= 1, results
-    assert "evaluation of step_00000004 requested" in rank0_log(run, job_id)
 
 
 def test_a_partition_the_cluster_rejects_is_reported_and_nothing_is_left(slurm_cluster, tmp_path, demo_data):
