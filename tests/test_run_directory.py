@@ -179,8 +179,8 @@ def test_a_second_training_of_the_same_run_directory_is_refused_with_the_holder(
 
 @pytest.mark.e2e
 def test_workers_stop_with_a_checkpoint_when_their_launcher_is_killed(tmp_path, demo_data):
-    overrides = engine_overrides(tmp_path, demo_data, "run_name=orphans", "optim.epochs=30",
-                                 "checkpoint.every_epochs=30", "log.every_steps=1")
+    overrides = engine_overrides(tmp_path, demo_data, "run_name=orphans", "optim.epochs=15",
+                                 "checkpoint.every_epochs=15", "log.every_steps=1")
     launcher = start(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides])
     run = tmp_path / "orphans"
     wait_for_rows(run, 3, launcher)
@@ -190,10 +190,10 @@ def test_workers_stop_with_a_checkpoint_when_their_launcher_is_killed(tmp_path, 
     gone, alive = psutil.wait_procs(workers, timeout=120)
     assert not alive, "the workers outlived their launcher"
     stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    assert 3 <= stopped < 120, "they stopped mid-run, with a checkpoint"
+    assert 3 <= stopped < 60, "they stopped mid-run, with a checkpoint"
     run_cli(["launchers/local.py", "--nproc", "2", "--config", TINY_CONFIG, *overrides])
     rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows == list(range(1, 121))
+    assert rows == list(range(1, 61))
 
 
 def test_a_lease_renewed_from_another_node_is_refused_and_a_stale_one_taken_over(tmp_path):
