@@ -104,10 +104,12 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(slurm
 
 def test_time_limit_checkpoints_requeues_and_stops_at_the_requeue_cap(slurm_cluster, tmp_path, demo_data, capsys):
     """--time 2 --signal-delay 60: USR2 30 to 60 s in (slurmctld looks at time limits every 30 s and may send it up
-    to 60 s early), twice; the second time --max-requeues 1 is spent. smim-status sees the job train."""
+    to 60 s early), twice; the second time --max-requeues 1 is spent. smim-status sees the job train. One task: it
+    trains until the limit, and the signal reaching every task is the preemption test's."""
     overrides = engine_overrides(tmp_path, demo_data, "run_name=limited", "optim.epochs=5000", "log.every_steps=10",
                                  "checkpoint.every_epochs=5000")
-    job_id = submit("--config", CONFIG, *TWO_CPU_TASKS, "--time", "2", "--signal-delay", "60", "--max-requeues", "1",
+    one_task = ["--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--partition", "debug"]
+    job_id = submit("--config", CONFIG, *one_task, "--time", "2", "--signal-delay", "60", "--max-requeues", "1",
                     *overrides)
     run = tmp_path / "limited"
     wait_for_steps(run, 2)
