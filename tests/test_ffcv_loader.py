@@ -36,10 +36,10 @@ def epoch_batches():
     loaders = {}
 
     def batches(cfg, epoch, start_batch=0, rank=0, world_size=1):
-        key = (repr(cfg), rank, world_size)
-        if key not in loaders:
-            loaders[key] = build_pretrain_loader(cfg, rank, world_size)
-        loader, positioner = loaders[key]
+        which = (repr(cfg), rank, world_size)
+        if which not in loaders:
+            loaders[which] = build_pretrain_loader(cfg, rank, world_size)
+        loader, positioner = loaders[which]
         positioner.set_epoch(epoch, start_batch)
         return [{key: value.clone() for key, value in batch.items()} for batch in loader]  # FFCV reuses its buffers
 
